@@ -1,0 +1,229 @@
+"""A checkpoint folder, read from its config.json, index and safetensors headers — never tensor data."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from math import prod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .errors import HeaderError, SourceError
+from .formats import DTYPE_BYTES, Unquantized, WeightFormat, detect, torch_dtype_name
+
+INDEX = "model.safetensors.index.json"
+MAX_HEADER = 100 * 2**20          # the safetensors library's own limit
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int     # absolute byte offset of the data in `file`
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and validate one safetensors header, reading exactly 8 + header-length bytes."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise HeaderError("truncated safetensors file: no 8-byte header length", file=path,
+                                  fix="re-download or re-convert this shard")
+            (n,) = struct.unpack("<Q", head)
+            if n == 0 or n > MAX_HEADER or 8 + n > size:
+                raise HeaderError(f"header length {n} does not fit the file ({size} bytes)",
+                                  file=path, fix="the file is truncated or not safetensors")
+            raw = f.read(n)
+    except OSError as exc:
+        raise SourceError(f"can't read: {exc.strerror}", file=path) from None
+    try:
+        header = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise HeaderError(f"header is not valid JSON: {exc}", file=path,
+                          fix="the file is corrupt; re-download it") from None
+    if not isinstance(header, dict):
+        raise HeaderError("header is not a JSON object", file=path)
+    if not isinstance(header.pop("__metadata__", {}), dict):
+        raise HeaderError("__metadata__ is not an object", file=path)
+    tensors = _entries(path, header, 8 + n, size - 8 - n)
+    _check_overlaps(path, tensors.values())
+    return tensors
+
+
+def _entries(path: Path, header: dict[str, Any], start: int, data_size: int) -> dict[str, TensorInfo]:
+    # Hot loop (150k tensors for a 235B model in well under a second): the fast path only
+    # computes; anything odd is re-examined by _bad_entry for a precise message.
+    tensors = {}
+    for name, entry in header.items():
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            numel = prod(shape) if all(type(d) is int and d >= 0 for d in shape) else -1
+            ok = (type(begin) is int and type(end) is int and 0 <= begin <= end <= data_size
+                  and end - begin == numel * DTYPE_BYTES[dtype])
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise _bad_entry(path, name, entry, data_size)
+        tensors[name] = TensorInfo(name, path, dtype, tuple(shape), start + begin, start + end)
+    return tensors
+
+
+def _bad_entry(path: Path, name: str, entry: Any, data_size: int) -> HeaderError:
+    def bad(why: str) -> HeaderError:
+        return HeaderError(f"bad header entry: {why}", file=path, tensor=name,
+                           fix="the file is corrupt or was written by a broken tool")
+    if not isinstance(entry, dict):
+        return bad("not an object")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPE_BYTES:
+        return bad(f"unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        return bad(f"shape {shape!r} is not a list of non-negative integers")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(type(o) is int for o in offsets)):
+        return bad(f"data_offsets {offsets!r} is not [begin, end]")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        return bad(f"data_offsets {offsets} run backwards")
+    if end > data_size:
+        return bad(f"data_offsets {offsets} end past the file's data ({data_size} bytes)")
+    return bad(f"{dtype}{shape} needs {prod(shape) * DTYPE_BYTES[dtype]} bytes, "
+               f"data_offsets {offsets} give {end - begin}")
+
+
+def _check_overlaps(path: Path, tensors: Any) -> None:
+    spans = sorted((t.begin, t.end, t.name) for t in tensors if t.end > t.begin)
+    for (_, end_a, a), (begin_b, _, b) in zip(spans, spans[1:]):
+        if begin_b < end_a:
+            raise HeaderError(f"tensors {a!r} and {b!r} overlap in the file", file=path, tensor=b,
+                              fix="the file is corrupt or was written by a broken tool")
+
+
+@dataclass
+class Source:
+    """One checkpoint: its config, its quantized formats and every tensor's header entry."""
+
+    name: str
+    path: Path
+    config: dict[str, Any]
+    formats: list[WeightFormat]        # quantized formats its quantization_config declares
+    dtype: str                         # dtype of its unquantized tensors (config torch_dtype)
+    tensors: dict[str, TensorInfo] = field(repr=False)
+
+    @property
+    def files(self) -> set[Path]:
+        return {t.file for t in self.tensors.values()}
+
+    def module_format(self, prefix: str) -> WeightFormat | None:
+        """How this checkpoint stores the linear module `prefix` (None if it does not have it)."""
+        for fmt in self.formats:
+            key = self.tensors.get(f"{prefix}.{fmt.key}")
+            if key is not None and fmt.is_stored_as(key.dtype):
+                return fmt
+        weight = self.tensors.get(f"{prefix}.weight")
+        if weight is not None and Unquantized(dtype=self.dtype).is_stored_as(weight.dtype):
+            return Unquantized(dtype=weight.dtype)  # type: ignore[arg-type]
+        return None
+
+    def family(self) -> set[str]:
+        """Names a user may give as this source's `format:` (see config.SourceFormat)."""
+        if not self.formats:
+            return {"bf16" if self.dtype == "BF16" else "fp16" if self.dtype == "F16" else "fp32"}
+        names = {f.name for f in self.formats}
+        out = {"gptq" if "gptq" in names else "", "awq" if "awq" in names else ""}
+        if names & {"fp8", "ct-fp8"}:
+            out.add("fp8")
+        if names & {"ct-fp8", "ct-int4"}:
+            out.add("compressed-tensors")
+        return out - {""}
+
+
+def _inside(folder: Path, entry: str, what: str) -> Path:
+    """Resolve an index/shard entry, refusing anything that escapes the folder."""
+    if not entry or os.path.isabs(entry) or ".." in Path(entry).parts:
+        raise SourceError(f"{what} {entry!r} points outside the checkpoint folder", file=folder,
+                          fix="an index may only name files inside its own folder")
+    target = folder / entry
+    real_folder = os.path.realpath(folder)
+    if os.path.commonpath([real_folder, os.path.realpath(target)]) != real_folder:
+        raise SourceError(f"{what} {entry!r} is a symlink out of the checkpoint folder",
+                          file=target, fix="copy the file into the folder instead of linking")
+    return target
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SourceError("missing file", file=path,
+                          fix="a checkpoint folder needs config.json and safetensors weights") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(f"can't parse JSON: {exc}", file=path) from None
+
+
+def weight_files(folder: Path) -> dict[str, list[str]] | list[Path]:
+    """The index's weight_map (tensor -> file) if there is one, else the shard files."""
+    index = folder / INDEX
+    if index.exists():
+        data = _read_json(index)
+        wmap = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
+            raise SourceError("index has no weight_map of tensor -> file", file=index)
+        return wmap
+    shards = sorted(folder.glob("*.safetensors"))
+    if shards:
+        return shards
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise SourceError(f"only pickle weights found ({', '.join(pickles[:3])}): refused, "
+                          "loading a pickle runs arbitrary code", file=folder,
+                          fix="convert the checkpoint to safetensors (e.g. with transformers' "
+                              "save_pretrained(safe_serialization=True))")
+    raise SourceError("no safetensors weights found", file=folder,
+                      fix="point the source at a folder with model.safetensors or an index")
+
+
+def open_source(name: str, path: str | os.PathLike[str]) -> Source:
+    """Read a checkpoint folder's config.json, index and safetensors headers (no tensor data)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise SourceError(f"source {name!r}: folder does not exist", file=folder,
+                          fix="check the path in the mix config")
+    config = _read_json(folder / "config.json")
+    if not isinstance(config, dict):
+        raise SourceError("config.json is not an object", file=folder / "config.json")
+    formats = detect(config.get("quantization_config"), folder / "config.json")
+    files = weight_files(folder)
+    tensors: dict[str, TensorInfo] = {}
+    if isinstance(files, dict):
+        headers: dict[str, dict[str, TensorInfo]] = {}
+        for tensor, entry in files.items():
+            if entry not in headers:
+                headers[entry] = read_header(_inside(folder, entry, "index entry"))
+            if tensor not in headers[entry]:
+                raise HeaderError(f"the index puts this tensor in {entry!r}, whose header "
+                                  "does not list it", file=folder / INDEX, tensor=tensor,
+                                  fix="the index and the shards disagree; re-download both")
+            tensors[tensor] = headers[entry][tensor]
+    else:
+        for shard in files:
+            for tensor, info in read_header(_inside(folder, shard.name, "shard")).items():
+                if tensor in tensors:
+                    raise HeaderError(f"tensor is in two shards: {tensors[tensor].file.name} "
+                                      f"and {shard.name}", file=folder, tensor=tensor,
+                                      fix="remove the stale shard or add an index")
+                tensors[tensor] = info
+    return Source(name, folder, config, formats, torch_dtype_name(config), tensors)
