@@ -153,7 +153,8 @@ def _check_arch(sources: dict[str, Source], base: str) -> list[MixloadError]:
     return problems
 
 
-def _choose(cfg: MixConfig, mods: list[Module]) -> tuple[dict[str, tuple[str, str]], list[MixloadError]]:
+def _choose(cfg: MixConfig, mods: list[Module]
+            ) -> tuple[dict[str, tuple[str, str]], list[str], list[MixloadError]]:
     """module name -> (source, origin): first matching rule wins, else the base."""
     chosen: dict[str, tuple[str, str]] = {}
     used = {r: False for r in cfg.rules}
@@ -172,13 +173,11 @@ def _choose(cfg: MixConfig, mods: list[Module]) -> tuple[dict[str, tuple[str, st
                     fix="keep one entry for this module"))
         else:
             chosen[m.name] = (cfg.base, f"base ({cfg.base})")
-    for r, hit in used.items():
-        if not hit and not any(r.matches(m.name) for m in mods):
-            problems.append(ConfigError(
-                "this rule matches no module of the model", file=cfg.file, rule=r.origin,
-                fix="check the name against `mixload plan --json` (module names look like "
-                    "model.layers.0.self_attn.q_proj; qkv_proj / gate_up_proj are expanded)"))
-    return chosen, problems
+    # A rule that matches nothing loads nothing wrong, so it is a warning, not a failure: the
+    # seed's own example maps dense `mlp.gate_proj` names that a MoE model does not have.
+    unused = [f"{r.origin} matches no module of the model" for r, hit in used.items()
+              if not hit and not any(r.matches(m.name) for m in mods)]
+    return chosen, unused, problems
 
 
 def _format_of(src: Source, m: Module) -> WeightFormat | None:
@@ -321,9 +320,10 @@ def build_plan(cfg: MixConfig, tp: int = 1, ep: int = 1) -> Plan:
     base = sources[cfg.base]
     mods = catalog.modules(base.config, base.path / "config.json")
     problems += _check_arch(sources, cfg.base)
-    chosen, chosen_problems = _choose(cfg, mods)
+    chosen, unused, chosen_problems = _choose(cfg, mods)
     problems += chosen_problems
     notes, warnings, group_problems = _resolve_groups(cfg, sources, mods, chosen)
+    warnings = unused + warnings
     problems += group_problems
     rows: list[Assignment] = []
     for m in mods:

@@ -1,0 +1,100 @@
+"""mixload plan | check | explain | schema — bad input exits 2 with a message, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from rich.console import Console
+
+from . import config as config_mod
+from .config import NormalizedRule
+from .errors import ConfigError, MixloadError
+from .plan import Plan, build_plan
+
+
+def _plan(args: argparse.Namespace) -> Plan:
+    return build_plan(config_mod.load(args.config), tp=args.tp, ep=args.ep)
+
+
+def cmd_plan(args: argparse.Namespace, out: Console) -> int:
+    plan = _plan(args)
+    if args.json:
+        sys.stdout.write(json.dumps(plan.to_json(), indent=1) + "\n")
+    else:
+        from .report import print_plan
+        print_plan(plan, out)
+    return 0
+
+
+def cmd_check(args: argparse.Namespace, out: Console) -> int:
+    plan = _plan(args)
+    mem = plan.memory()
+    from .report import human
+    out.print(f"OK: {len(plan.assignments)} modules from {len(plan.sources)} sources, "
+              f"TP={plan.tp} EP={plan.ep}, {human(mem['per_rank_bytes'])} per rank, "
+              f"fingerprint {plan.fingerprint}")
+    for w in plan.warnings:
+        out.print(f"[yellow]warning:[/] {w}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace, out: Console) -> int:
+    plan = _plan(args)
+    probe = NormalizedRule(args.name, "", "", exact=not any(c in args.name for c in "*?[")
+                           and not args.name.startswith("re:"))
+    rows = [a for a in plan.assignments if probe.matches(a.module.name)]
+    if not rows:
+        raise ConfigError(f"no module of the model is named {args.name!r}", file=args.config,
+                          fix="names look like model.layers.0.self_attn.q_proj (globs and "
+                              "qkv_proj / gate_up_proj work too)")
+    from .report import print_explain
+    print_explain(plan, rows, out)
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace, out: Console) -> int:
+    sys.stdout.write(config_mod.json_schema() + "\n")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mixload", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(name: str, help: str) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help)
+        s.add_argument("config", help="mix YAML (seed form or rule form)")
+        s.add_argument("--tp", type=int, default=1, help="tensor-parallel size to check for")
+        s.add_argument("--ep", type=int, default=1, help="expert-parallel size to check for")
+        return s
+
+    with_config("plan", "per-layer table and memory report; nothing is loaded").add_argument(
+        "--json", action="store_true", help="the whole plan as JSON")
+    with_config("check", "exit 0, or 2 with every problem listed")
+    with_config("explain", "which rule, source, tensors and bytes a module gets").add_argument(
+        "name", help="module or tensor name, glob, or re:regex")
+    sub.add_parser("schema", help="JSON Schema of the mix YAML, for editors")
+    return p
+
+
+COMMANDS = {"plan": cmd_plan, "check": cmd_check, "explain": cmd_explain, "schema": cmd_schema}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    # Wide enough for the plan table when piped (rich falls back to 80 columns).
+    width = None if sys.stdout.isatty() else 160
+    out, err = Console(width=width), Console(stderr=True, width=width)
+    try:
+        return COMMANDS[args.command](args, out)
+    except MixloadError as exc:
+        err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

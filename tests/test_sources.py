@@ -1,0 +1,161 @@
+"""Checkpoint folders are read from headers only; every lie in them is a clear error."""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mixload.core.errors import HeaderError, SourceError
+from mixload.core.formats import Fp8, Gptq
+from mixload.core.sources import open_source, read_header
+
+
+def _write_raw(path: Path, header: dict, data: bytes) -> Path:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+    return path
+
+
+def _ckpt(folder: Path, tensors: dict[str, torch.Tensor], config: dict | None = None) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config or {"architectures": ["LlamaForCausalLM"]}))
+    return folder
+
+
+def _rchar() -> int:
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar")
+
+
+def test_reads_only_header_bytes(qwen3_30b: dict[str, Path]) -> None:
+    """Opening three 30B checkpoints (~100 GB of tensor data) reads a few MB: the headers."""
+    folders = list(qwen3_30b.values())
+    data_bytes = sum(f.stat().st_size for d in folders for f in d.glob("*.safetensors"))
+    header_bytes = sum(8 + struct.unpack("<Q", f.open("rb").read(8))[0]
+                       for d in folders for f in d.glob("*.safetensors"))
+    json_bytes = sum(f.stat().st_size for d in folders for f in d.glob("*.json"))
+    before = _rchar()
+    sources = [open_source(d.name, d) for d in folders]
+    read = _rchar() - before
+    assert sum(len(s.tensors) for s in sources) > 80_000
+    assert data_bytes > 50 * 2**30
+    # Everything read is header + json; the slack covers /proc/self/io itself.
+    assert header_bytes <= read <= header_bytes + json_bytes + 64 * 1024
+
+
+def test_detects_formats_and_dtypes(qwen3_30b: dict[str, Path]) -> None:
+    fp8 = open_source("fp8", qwen3_30b["fp8"])
+    assert fp8.formats == [Fp8(block=(128, 128))]
+    assert fp8.module_format("model.layers.0.self_attn.q_proj") == Fp8()
+    assert fp8.module_format("model.layers.0.mlp.gate").precision == "bf16"   # router stays BF16
+    gptq = open_source("gptq", qwen3_30b["gptq"])
+    assert gptq.module_format("model.layers.0.mlp.experts.5.up_proj") == Gptq(group_size=128)
+    info = gptq.tensors["model.layers.0.mlp.experts.5.up_proj.qweight"]
+    assert (info.dtype, info.shape) == ("I32", (2048 // 8, 768))
+
+
+def test_single_file_and_real_data(tmp_path: Path) -> None:
+    src = open_source("a", _ckpt(tmp_path / "a", {"x.weight": torch.ones(3, 4, dtype=torch.bfloat16)}))
+    info = src.tensors["x.weight"]
+    with open(info.file, "rb") as f:
+        f.seek(info.begin)
+        assert torch.frombuffer(bytearray(f.read(info.nbytes)), dtype=torch.bfloat16).eq(1).all()
+
+
+@pytest.mark.parametrize("header,data,why", [
+    ({"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8, "end past"),
+    ({"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}, b"\0" * 16, "needs 16 bytes"),
+    ({"t": {"dtype": "Q4", "shape": [4], "data_offsets": [0, 4]}}, b"\0" * 4, "unknown dtype"),
+    ({"t": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}}, b"\0" * 16, "non-negative"),
+    ({"t": {"dtype": "F32", "shape": [4], "data_offsets": [8, 0]}}, b"\0" * 16, "backwards"),
+    ({"t": {"dtype": "F32", "shape": [4]}}, b"\0" * 16, "data_offsets None"),
+    ({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+      "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}, b"\0" * 24, "overlap"),
+    ({"__metadata__": "x"}, b"", "__metadata__"),
+])
+def test_lying_headers(tmp_path: Path, header: dict, data: bytes, why: str) -> None:
+    with pytest.raises(HeaderError, match=why) as err:
+        read_header(_write_raw(tmp_path / "m.safetensors", header, data))
+    assert "m.safetensors" in str(err.value)
+
+
+def test_truncated_files(tmp_path: Path) -> None:
+    p = tmp_path / "m.safetensors"
+    p.write_bytes(b"\x01\x02")
+    with pytest.raises(HeaderError, match="truncated"):
+        read_header(p)
+    p.write_bytes(struct.pack("<Q", 1000) + b"{}")
+    with pytest.raises(HeaderError, match="does not fit the file"):
+        read_header(p)
+    p.write_bytes(struct.pack("<Q", 4) + b"{{{{")
+    with pytest.raises(HeaderError, match="not valid JSON"):
+        read_header(p)
+
+
+def _indexed(folder: Path, entry: str) -> Path:
+    _ckpt(folder, {"x.weight": torch.zeros(2, 2)})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x.weight": entry}}))
+    return folder
+
+
+@pytest.mark.parametrize("entry", ["../outside.safetensors", "/etc/passwd", "sub/../../x.safetensors"])
+def test_index_entries_may_not_escape(tmp_path: Path, entry: str) -> None:
+    with pytest.raises(SourceError, match="outside the checkpoint folder"):
+        open_source("a", _indexed(tmp_path / "a", entry))
+
+
+def test_symlink_out_of_the_folder_is_refused(tmp_path: Path) -> None:
+    outside = _ckpt(tmp_path / "elsewhere", {"x.weight": torch.zeros(2, 2)})
+    folder = _indexed(tmp_path / "a", "link.safetensors")
+    os.symlink(outside / "model.safetensors", folder / "link.safetensors")
+    with pytest.raises(SourceError, match="symlink out of the checkpoint folder"):
+        open_source("a", folder)
+
+
+def test_index_naming_a_tensor_the_shard_lacks(tmp_path: Path) -> None:
+    folder = _ckpt(tmp_path / "a", {"x.weight": torch.zeros(2, 2)})
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"y.weight": "model.safetensors"}}))
+    with pytest.raises(HeaderError, match="does not list it") as err:
+        open_source("a", folder)
+    assert "y.weight" in str(err.value)
+
+
+def test_pickle_checkpoints_are_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "old"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    torch.save({"x": torch.zeros(1)}, folder / "pytorch_model.bin")
+    with pytest.raises(SourceError, match="pickle") as err:
+        open_source("old", folder)
+    assert "safetensors" in err.value.fix
+
+
+def test_missing_folder_and_config(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="does not exist"):
+        open_source("a", tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="missing file"):
+        open_source("a", tmp_path / "empty")
+
+
+def test_unsupported_quantization_is_named(tmp_path: Path) -> None:
+    folder = _ckpt(tmp_path / "bnb", {"x.weight": torch.zeros(2, 2)},
+                   {"quantization_config": {"quant_method": "bitsandbytes"}})
+    with pytest.raises(SourceError, match="'bitsandbytes' is not supported"):
+        open_source("bnb", folder)
+
+
+def test_duplicate_tensor_across_shards(tmp_path: Path) -> None:
+    folder = _ckpt(tmp_path / "a", {"x.weight": torch.zeros(2)})
+    save_file({"x.weight": torch.zeros(2)}, folder / "model-2.safetensors")
+    with pytest.raises(HeaderError, match="two shards"):
+        open_source("a", folder)
