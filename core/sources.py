@@ -70,7 +70,8 @@ def _entries(path: Path, header: dict[str, Any], start: int, data_size: int) -> 
     for name, entry in header.items():
         try:
             dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            numel = prod(shape) if all(type(d) is int and d >= 0 for d in shape) else -1
+            numel = (prod(shape) if type(shape) is list and all(type(d) is int and d >= 0 for d in shape)
+                     else -1)
             ok = (type(begin) is int and type(end) is int and 0 <= begin <= end <= data_size
                   and end - begin == numel * DTYPE_BYTES[dtype])
         except (TypeError, KeyError, ValueError):
@@ -88,7 +89,7 @@ def _bad_entry(path: Path, name: str, entry: Any, data_size: int) -> HeaderError
     if not isinstance(entry, dict):
         return bad("not an object")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_BYTES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
         return bad(f"unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         return bad(f"shape {shape!r} is not a list of non-negative integers")
