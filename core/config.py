@@ -8,10 +8,12 @@ Rule form:
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -97,7 +99,10 @@ class NormalizedRule:
     exact: bool = False
 
     def matches(self, module: str) -> bool:
-        return any(_match_one(p, module, self.exact) for p in _expand_fused(self.pattern))
+        if self.exact:
+            return module in _exact_names(self.pattern)
+        rx = _compiled(self.pattern)   # names may be written with or without `.weight`
+        return rx.fullmatch(module) is not None or rx.fullmatch(module + ".weight") is not None
 
 
 @dataclass(frozen=True)
@@ -130,14 +135,16 @@ def strip_suffix(name: str) -> str:
     return head if head and tail in TENSOR_SUFFIXES else name
 
 
-def _match_one(pattern: str, module: str, exact: bool) -> bool:
-    if exact:
-        return strip_suffix(pattern) == module
-    if pattern.startswith("re:"):
-        rx = re.compile(pattern[3:])
-        return bool(rx.fullmatch(module) or rx.fullmatch(module + ".weight"))
-    from fnmatch import fnmatchcase
-    return fnmatchcase(module, pattern) or fnmatchcase(module + ".weight", pattern)
+@lru_cache(maxsize=None)
+def _exact_names(name: str) -> frozenset[str]:
+    return frozenset(strip_suffix(n) for n in _expand_fused(name))
+
+
+@lru_cache(maxsize=None)
+def _compiled(pattern: str) -> re.Pattern[str]:
+    """One regex for a rule and its fused-name expansions (compiled once: 150k modules)."""
+    parts = [p[3:] if p.startswith("re:") else fnmatch.translate(p) for p in _expand_fused(pattern)]
+    return re.compile("|".join(f"(?:{p})" for p in parts))
 
 
 def _resolve_path(raw: str, yaml_dir: Path) -> str:

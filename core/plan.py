@@ -4,6 +4,7 @@
 """
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import re
@@ -314,6 +315,18 @@ def _ranges(xs: list[int]) -> str:
 
 def build_plan(cfg: MixConfig, tp: int = 1, ep: int = 1) -> Plan:
     """Resolve every module; raise PlanError listing every problem if anything is wrong."""
+    # Hundreds of thousands of small acyclic objects: the cycle collector would rescan them
+    # over and over (measured: half the time of a 235B plan) and can free nothing.
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return _build_plan(cfg, tp, ep)
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _build_plan(cfg: MixConfig, tp: int, ep: int) -> Plan:
     sources, problems = _open_all(cfg)
     if cfg.base not in sources:
         raise PlanError(problems)

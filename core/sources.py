@@ -7,7 +7,7 @@ import struct
 from math import prod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -19,8 +19,9 @@ MAX_HEADER = 100 * 2**20          # the safetensors library's own limit
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
 
-@dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(NamedTuple):
+    """One header entry (a tuple: 150k of them are made per large model, so creation is cheap)."""
+
     name: str
     file: Path
     dtype: str
@@ -70,9 +71,9 @@ def _entries(path: Path, header: dict[str, Any], start: int, data_size: int) -> 
     for name, entry in header.items():
         try:
             dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            numel = (prod(shape) if type(shape) is list and all(type(d) is int and d >= 0 for d in shape)
-                     else -1)
-            ok = (type(begin) is int and type(end) is int and 0 <= begin <= end <= data_size
+            numel = prod(shape)   # a float or str anywhere in shape makes this non-int
+            ok = (type(shape) is list and type(numel) is int and (not shape or min(shape) >= 0)
+                  and type(begin) is int and type(end) is int and 0 <= begin <= end <= data_size
                   and end - begin == numel * DTYPE_BYTES[dtype])
         except (TypeError, KeyError, ValueError):
             ok = False

@@ -2,14 +2,24 @@
 
 A format describes one *linear* module (out_features x in_features) as stored in a checkpoint.
 Non-linear modules (norms, embeddings, router gates) are always `Unquantized`.
+
+Each format also quantizes one weight W [out, in] into its tensors and dequantizes them back
+(a float32 reference). torch is imported inside those functions, not here: planning reads only
+safetensors headers and must neither need torch installed nor pay its import time (~2 s).
 """
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
 Parallel = Literal["column", "row", "replicated"]
+ScaleDtype = Literal["F32", "BF16", "F16"]   # all three occur in published checkpoints
 FLOAT_DTYPES = frozenset({"F32", "BF16", "F16"})
 DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
                "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -25,6 +35,8 @@ class WeightFormat(BaseModel):
     #: the tensor whose presence says "this module is stored in this format"
     key: ClassVar[str] = "weight"
     optional: ClassVar[frozenset[str]] = frozenset({"bias"})
+    #: dtype of the scales `quantize` writes when the caller does not choose one
+    default_scale_dtype: ClassVar[ScaleDtype] = "F32"
 
     @property
     def weight_bits(self) -> int:
@@ -63,6 +75,18 @@ class WeightFormat(BaseModel):
         """Why a module of this shape can't be split tp ways in this format (empty if it can)."""
         return _even_split(out, inp, parallel, tp)
 
+    def quantize(self, w: Tensor, calib: Tensor | None = None,
+                 scale_dtype: ScaleDtype | None = None) -> dict[str, Tensor]:
+        """The tensors (suffix -> tensor) storing the linear weight `w` [out, in] in this format:
+        exactly those `tensor_shapes` lists. `calib` holds input activations [n, in] for the
+        formats that can use them; scales are written in `scale_dtype` (default: the format's)."""
+        raise NotImplementedError
+
+    def dequantize(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        """The float32 weight [out, in] these tensors store (a reference, not a kernel).
+        Scale dtypes are read from the tensors, never assumed."""
+        raise NotImplementedError
+
 
 def _even_split(out: int, inp: int, parallel: Parallel, tp: int) -> list[str]:
     if parallel == "column" and out % tp:
@@ -97,3 +121,55 @@ def _numel(shape: tuple[int, ...]) -> int:
     for d in shape:
         n *= d
     return n
+
+
+# ---- helpers shared by quantize / dequantize (torch imported lazily, see the module docstring)
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name."""
+    import torch
+    return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+            "F8_E4M3": torch.float8_e4m3fn, "I32": torch.int32, "I64": torch.int64}[name]
+
+
+def stored_scale(scale: Tensor, dtype: ScaleDtype) -> Tensor:
+    """`scale` rounded to the dtype it is stored in. Quantizing against the stored value (not the
+    exact one) keeps dequantize(quantize(w)) as close as it can be. A zero scale (an all-zero
+    group, or F16 underflow) becomes 1: its values quantize to 0 either way, and nothing divides
+    by zero."""
+    import torch
+    s = scale.to(torch_dtype(dtype))
+    return torch.where(s == 0, torch.ones_like(s), s)
+
+
+def pack_int(q: Tensor, bits: int, dim: int, order: Sequence[int] | None = None) -> Tensor:
+    """Pack unsigned `bits`-wide integers 32 // bits to an int32 word along `dim`.
+
+    Value k of each run of 32 // bits goes to bits [k*bits, (k+1)*bits), lowest first, unless
+    `order` is given: then bits [k*bits, ...) hold value order[k] (AWQ's interleave).
+    """
+    import torch
+    per = 32 // bits
+    if q.numel() and (int(q.min()) < 0 or int(q.max()) >= 1 << bits):
+        raise ValueError(f"values outside [0, {(1 << bits) - 1}] can't be packed in {bits} bits")
+    v = q.movedim(dim, -1).to(torch.int64)
+    if v.shape[-1] % per:
+        raise ValueError(f"dim {dim} of size {v.shape[-1]} is not a multiple of {per}")
+    v = v.reshape(*v.shape[:-1], -1, per)
+    if order is not None:
+        v = v[..., list(order)]
+    words = (v << (torch.arange(per, dtype=torch.int64) * bits)).sum(-1)   # in [0, 2**32)
+    words = torch.where(words >= 2**31, words - 2**32, words)               # as int32 bits
+    return words.to(torch.int32).movedim(-1, dim).contiguous()
+
+
+def unpack_int(words: Tensor, bits: int, dim: int, order: Sequence[int] | None = None) -> Tensor:
+    """Inverse of `pack_int`: int32 [.., n, ..] -> int32 values [.., n * 32 // bits, ..]."""
+    import torch
+    per = 32 // bits
+    w = words.movedim(dim, -1).to(torch.int32)
+    # >> on int32 copies the sign bit; the mask drops it.
+    v = (w.unsqueeze(-1) >> (torch.arange(per, dtype=torch.int32) * bits)) & ((1 << bits) - 1)
+    if order is not None:
+        v = v[..., sorted(range(per), key=lambda k: order[k])]
+    return v.reshape(*w.shape[:-1], -1).movedim(-1, dim)
