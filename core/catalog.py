@@ -5,7 +5,7 @@ A new architecture is one line in ARCHITECTURES if it reuses these building bloc
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from .errors import SourceError
 
@@ -13,8 +13,9 @@ Kind = Literal["attention", "mlp", "experts", "router", "norm", "embedding", "lm
 Parallel = Literal["column", "row", "replicated", "vocab"]
 
 
-@dataclass(frozen=True)
-class Module:
+class Module(NamedTuple):
+    """One logical module (a tuple: a 235B MoE has 37k of them)."""
+
     name: str                 # checkpoint prefix, e.g. model.layers.0.self_attn.q_proj
     kind: Kind
     layer: int | None

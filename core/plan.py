@@ -10,6 +10,7 @@ import json
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from . import catalog
@@ -188,11 +189,16 @@ def _format_of(src: Source, m: Module) -> WeightFormat | None:
     return Unquantized(dtype=w.dtype) if w is not None and w.dtype in FLOAT_DTYPES else None  # type: ignore[arg-type]
 
 
+@lru_cache(maxsize=None)
+def _dtypes(fmt: WeightFormat) -> dict[str, frozenset[str]]:
+    return fmt.tensor_dtypes()
+
+
 def _tensors(src: Source, m: Module, fmt: WeightFormat) -> tuple[dict[str, TensorInfo], list[MixloadError]]:
     expected = fmt.tensor_shapes(*m.shape) if m.linear else {"weight": m.shape}
     if m.linear:
         expected = {**expected, "bias": (m.shape[0],)}
-    dtypes = fmt.tensor_dtypes()
+    dtypes = _dtypes(fmt)
     found, problems = {}, []
     for suffix, shape in expected.items():
         name = f"{m.name}.{suffix}"
