@@ -1,10 +1,20 @@
 """AWQ int4 GEMM: qweight [in, out/8] (nibble order 0,2,4,6,1,3,5,7), qzeros [groups, out/8], scales."""
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, ClassVar
 
-from .base import FLOAT_DTYPES, Parallel, WeightFormat
-from .gptq import INT32, int_tp_problems
+from ..errors import ConfigError
+from .base import FLOAT_DTYPES, Parallel, ScaleDtype, WeightFormat, pack_int, unpack_int
+from .gptq import (INT32, check_int_shape, dequantize_int, int_tp_problems, quantize_int,
+                   sequential_groups)
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+#: AWQ GEMM word layout: bits [4k, 4k+4) hold output column ORDER[k] of each run of 8, the
+#: order its CUDA kernel's dequantize unpacks them in.
+ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 
 class Awq(WeightFormat):
@@ -13,6 +23,7 @@ class Awq(WeightFormat):
     bits: int = 4
     group_size: int = 128
     zero_point: bool = True
+    default_scale_dtype: ClassVar[ScaleDtype] = "F16"   # AutoAWQ writes F16
 
     @property
     def precision(self) -> str:  # type: ignore[override]
@@ -58,3 +69,29 @@ class Awq(WeightFormat):
         problems = super().tp_problems(out, inp, parallel, tp)
         return problems or int_tp_problems(self.label(), self.group_size, self.pack,
                                            out, inp, parallel, tp)
+
+    def _check_bits(self) -> None:
+        if self.bits != 4:
+            raise ConfigError(f"AWQ GEMM packs 4-bit weights only, not {self.bits}-bit",
+                              fix="use bits 4, or GPTQ / compressed-tensors for 8-bit")
+
+    def quantize(self, w: Tensor, calib: Tensor | None = None,
+                 scale_dtype: ScaleDtype | None = None) -> dict[str, Tensor]:
+        """RTN with a zero point. With `calib`, GPTQ's error compensation fills the same layout
+        (AWQ's own activation-aware scaling must be folded into the previous layer, which a
+        per-module function can't do). zero_point=False stores the symmetric zero 8, because
+        the GEMM kernels always subtract qzeros."""
+        self._check_bits()
+        check_int_shape(self.label(), *w.shape, self.group_size, self.pack)
+        r = quantize_int(w, self.bits, self.group_size, not self.zero_point,
+                         scale_dtype or self.default_scale_dtype, calib)
+        return {"qweight": pack_int(r.q.T, self.bits, dim=1, order=ORDER),
+                "qzeros": pack_int(r.zero.T, self.bits, dim=1, order=ORDER),
+                "scales": r.scale.T.contiguous()}
+
+    def dequantize(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        self._check_bits()
+        q = unpack_int(tensors["qweight"], self.bits, dim=1, order=ORDER).T      # [out, in]
+        zero = unpack_int(tensors["qzeros"], self.bits, dim=1, order=ORDER).T    # [out, groups]
+        return dequantize_int(q, tensors["scales"].T, zero,
+                              sequential_groups(q.shape[1], self.group_size))

@@ -1,19 +1,43 @@
 """compressed-tensors (llm-compressor): pack-quantized int4 and float-quantized fp8."""
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from .base import FLOAT_DTYPES, Parallel, WeightFormat
+from .base import FLOAT_DTYPES, Parallel, ScaleDtype, WeightFormat, pack_int, unpack_int
 from .fp8 import Fp8
-from .gptq import INT32, int_tp_problems
+from .gptq import (INT32, check_int_shape, dequantize_int, int_tp_problems, quantize_int,
+                   sequential_groups)
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+
+def _ct_config(weights: dict[str, Any], activations: dict[str, Any] | None, fmt: str,
+               ignore: list[str]) -> dict[str, Any]:
+    """A compressed-tensors quantization_config with one scheme for every Linear but `ignore`
+    (exact module names; vLLM also accepts "re:" regexes there)."""
+    return {"quant_method": "compressed-tensors", "format": fmt,
+            "quantization_status": "compressed",
+            "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                          "input_activations": activations,
+                                          "output_activations": None}},
+            "ignore": ignore, "kv_cache_scheme": None, "sparsity_config": {}}
 
 
 class CtInt4(WeightFormat):
-    """`weight_packed` I32 [out, in/8] holding q+8 (sym) or q (asym), `weight_scale` [out, groups]."""
+    """`weight_packed` I32 [out, in/8], `weight_scale` [out, groups], `weight_shape` I64 [2];
+    asymmetric adds `weight_zero_point` I32 [out/8, groups].
+
+    compressed-tensors quantizes to *signed* q in [-8, 7] (and a signed zero point) and packs
+    q + 8 in both the symmetric and the asymmetric scheme (pack_to_int32's offset), so the stored
+    nibble is the usual unsigned q: symmetric dequantizes as (nibble - 8) * scale."""
 
     name: ClassVar[str] = "ct-int4"
     key: ClassVar[str] = "weight_packed"
     optional: ClassVar[frozenset[str]] = frozenset({"bias", "weight_g_idx"})
+    # llm-compressor computes scales in the weight's dtype: BF16 for today's models.
+    default_scale_dtype: ClassVar[ScaleDtype] = "BF16"
     bits: int = 4
     group_size: int = 128
     symmetric: bool = True
@@ -65,11 +89,45 @@ class CtInt4(WeightFormat):
         return problems or int_tp_problems(self.label(), self.group_size, self.pack,
                                            out, inp, parallel, tp)
 
+    def quantization_config(self, ignore: list[str]) -> dict | None:
+        channel = self.group_size == -1
+        weights = {"num_bits": self.bits, "type": "int", "symmetric": self.symmetric,
+                   "strategy": "channel" if channel else "group",
+                   "group_size": None if channel else self.group_size,
+                   "dynamic": False, "actorder": None, "observer": "minmax"}
+        return _ct_config(weights, None, "pack-quantized", ignore)
+
+    def quantize(self, w: Tensor, calib: Tensor | None = None,
+                 scale_dtype: ScaleDtype | None = None) -> dict[str, Tensor]:
+        """RTN, or GPTQ with `calib` (llm-compressor's GPTQModifier writes this format)."""
+        import torch
+        check_int_shape(self.label(), *w.shape, self.group_size, self.pack)
+        r = quantize_int(w, self.bits, self.group_size, self.symmetric,
+                         scale_dtype or self.default_scale_dtype, calib)
+        tensors = {"weight_packed": pack_int(r.q, self.bits, dim=1), "weight_scale": r.scale,
+                   "weight_shape": torch.tensor(list(w.shape), dtype=torch.int64)}
+        if not self.symmetric:
+            tensors["weight_zero_point"] = pack_int(r.zero, self.bits, dim=0)
+        return tensors
+
+    def dequantize(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        import torch
+        q = unpack_int(tensors["weight_packed"], self.bits, dim=1)
+        scale = tensors["weight_scale"]
+        zp = tensors.get("weight_zero_point")
+        zero = (unpack_int(zp, self.bits, dim=0) if zp is not None
+                else torch.full(scale.shape, 2 ** (self.bits - 1), dtype=torch.int32))
+        g_idx = tensors.get("weight_g_idx")
+        if g_idx is None:
+            g_idx = sequential_groups(q.shape[1], self.group_size)
+        return dequantize_int(q, scale, zero, g_idx)
+
 
 class CtFp8(Fp8):
     """float-quantized fp8: like `Fp8`, but every strategy names its scale `weight_scale`."""
 
     name: ClassVar[str] = "ct-fp8"
+    default_scale_dtype: ClassVar[ScaleDtype] = "BF16"   # as CtInt4: the weight's dtype
 
     def label(self) -> str:
         return f"ct-fp8-{self.strategy}"
@@ -83,3 +141,16 @@ class CtFp8(Fp8):
         if self.strategy == "tensor":
             shapes["weight_scale"] = (1,)
         return shapes
+
+    def quantization_config(self, ignore: list[str]) -> dict | None:
+        block = list(self.block or (128, 128)) if self.strategy == "block" else None
+        weights = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": self.strategy,
+                   "block_structure": block, "dynamic": False, "observer": "minmax"}
+        if self.activation_scheme == "static":
+            acts = {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor",
+                    "dynamic": False, "observer": "minmax"}
+        else:   # per token, or per 1 x block_k group to match block weights (FP8_BLOCK)
+            acts = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": True,
+                    "strategy": "group" if block else "token",
+                    "group_size": block[1] if block else None, "observer": None}
+        return _ct_config(weights, acts, "float-quantized", ignore)

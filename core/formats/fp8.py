@@ -1,11 +1,18 @@
 """FP8 e4m3 weights with block (Qwen3/DeepSeek `weight_scale_inv`), per-tensor or per-channel scales."""
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-from .base import FLOAT_DTYPES, Parallel, WeightFormat, ceil_div, per_rank
+from ..errors import ConfigError
+from .base import (FLOAT_DTYPES, Parallel, ScaleDtype, WeightFormat, ceil_div, per_rank,
+                   stored_scale)
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 FP8_DTYPES = frozenset({"F8_E4M3"})
+FP8_MAX = 448.0   # the largest finite float8_e4m3fn
 
 
 class Fp8(WeightFormat):
@@ -75,3 +82,49 @@ class Fp8(WeightFormat):
         if parallel == "row" and i % bk:
             problems.append(f"FP8 block {bk}: input per rank {inp}/{tp}={i} is not a multiple of {bk}")
         return problems
+
+    def quantize(self, w: Tensor, calib: Tensor | None = None,
+                 scale_dtype: ScaleDtype | None = None) -> dict[str, Tensor]:
+        """scale = amax / 448 per block, channel or tensor (the largest value lands on e4m3's
+        largest); dequantized w = q * scale. Static activations also need `calib` [n, in] for
+        input_scale = amax(calib) / 448."""
+        import torch
+        sd = scale_dtype or self.default_scale_dtype
+        out, inp = w.shape
+        w = w.float()
+        scale = stored_scale(self._amax(w) / FP8_MAX, sd)
+        # Dividing by the *stored* scale can overshoot 448 by a rounding step: clamp, don't inf.
+        q = (w / self._expand(scale.float(), out, inp)).clamp(-FP8_MAX, FP8_MAX)
+        tensors = {"weight": q.to(torch.float8_e4m3fn),
+                   self.scale_name: scale.reshape(self.tensor_shapes(out, inp)[self.scale_name])}
+        if self.activation_scheme == "static":
+            if calib is None:
+                raise ConfigError(f"{self.label()} with static activations needs calibration "
+                                  "activations for input_scale", fix="pass calib, or use dynamic")
+            tensors["input_scale"] = stored_scale(calib.float().abs().amax() / FP8_MAX, sd)
+        return tensors
+
+    def dequantize(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        q = tensors["weight"].float()
+        return q * self._expand(tensors[self.scale_name].float(), *q.shape)
+
+    def _amax(self, w: Tensor) -> Tensor:
+        """|w|'s max per scale entry, in the scale's own shape."""
+        import torch.nn.functional as F
+        if self.strategy == "block":
+            bn, bk = self.block or (128, 128)
+            out, inp = w.shape
+            rows, cols = ceil_div(out, bn), ceil_div(inp, bk)
+            # Edge blocks are partial: pad with zeros, which never raise an amax.
+            a = F.pad(w.abs(), (0, cols * bk - inp, 0, rows * bn - out))
+            return a.reshape(rows, bn, cols, bk).amax((1, 3))
+        if self.strategy == "channel":
+            return w.abs().amax(1, keepdim=True)
+        return w.abs().amax()
+
+    def _expand(self, scale: Tensor, out: int, inp: int) -> Tensor:
+        """The scale of every weight element, or a shape that broadcasts to [out, inp]."""
+        if self.strategy == "block":
+            bn, bk = self.block or (128, 128)
+            return scale.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:out, :inp]
+        return scale.reshape(out, 1) if self.strategy == "channel" else scale.reshape(())

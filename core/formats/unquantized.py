@@ -1,9 +1,13 @@
 """Plain floating-point weights: bf16, fp16 (and fp32), one `weight` [out, in]."""
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, ClassVar, Literal
 
-from .base import FLOAT_DTYPES, Parallel, WeightFormat
+from .base import FLOAT_DTYPES, Parallel, ScaleDtype, WeightFormat, torch_dtype
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 _PRECISION = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
 
@@ -36,3 +40,11 @@ class Unquantized(WeightFormat):
         if suffix == "bias":
             return 0 if parallel == "column" else None
         return {"column": 0, "row": 1}.get(parallel)
+
+    def quantize(self, w: Tensor, calib: Tensor | None = None,
+                 scale_dtype: ScaleDtype | None = None) -> dict[str, Tensor]:
+        """Just a cast: lets a converter treat "leave it in bf16" like any other format."""
+        return {"weight": w.to(torch_dtype(self.dtype))}
+
+    def dequantize(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        return tensors["weight"].float()
