@@ -83,9 +83,14 @@ def _norm(name: str, layer: int | None, n: int) -> Module:
     return Module(name, "norm", layer, (n,), "replicated", name, linear=False)
 
 
+def num_experts(c: dict[str, Any]) -> int:
+    """transformers 5 writes `num_local_experts` where the hub's Qwen3-MoE configs say `num_experts`."""
+    return c.get("num_experts") or c.get("num_local_experts") or 0
+
+
 def is_moe_layer(c: dict[str, Any], i: int) -> bool:
     step = c.get("decoder_sparse_step") or 1
-    return (c.get("num_experts", 0) > 0 and i not in (c.get("mlp_only_layers") or [])
+    return (num_experts(c) > 0 and i not in (c.get("mlp_only_layers") or [])
             and (i + 1) % step == 0)
 
 
@@ -106,7 +111,7 @@ def modules(config: dict[str, Any], file: object = None) -> list[Module]:
         mods += _attention(p, i, c, arch)
         mods.append(_norm(f"{p}.post_attention_layernorm", i, hidden))
         if arch.mlp == "moe" and is_moe_layer(c, i):
-            n = c["num_experts"]
+            n = num_experts(c)
             mods.append(Module(f"{p}.mlp.gate", "router", i, (n, hidden), "replicated",
                                f"{p}.mlp.gate", linear=False))
             for e in range(n):

@@ -118,6 +118,7 @@ def _arch_view(c: dict[str, Any]) -> dict[str, Any]:
     v["mlp_only_layers"] = v["mlp_only_layers"] or []
     v["decoder_sparse_step"] = v["decoder_sparse_step"] or 1
     v["tie_word_embeddings"] = bool(v["tie_word_embeddings"])
+    v["num_experts"] = catalog.num_experts(c) or None
     if not v["num_experts"]:   # dense models: the MoE keys are meaningless
         for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
             v[k] = None
@@ -239,6 +240,8 @@ def _resolve_groups(cfg: MixConfig, sources: dict[str, Source], mods: list[Modul
     for m in mods:
         groups[m.group].append(m)
     order = list(cfg.sources)
+    splits: dict[tuple[str, str], list[int | None]] = defaultdict(list)
+    origins: dict[tuple[str, str], set[str]] = {}
     for group, members in groups.items():
         if len(members) < 2:
             continue
@@ -252,12 +255,10 @@ def _resolve_groups(cfg: MixConfig, sources: dict[str, Source], mods: list[Modul
         desc = "; ".join(f"{k}: {', '.join(v[:3])}{' …' if len(v) > 3 else ''} [{len(v)}]"
                          for k, v in split.items())
         if cfg.on_conflict == "error":
-            origins = sorted({chosen[m.name][1] for m in members})
-            problems.append(ConfigError(
-                f"fused group {group} is split across formats — {desc}; the engines run one "
-                "quant method per fused group", file=cfg.file, rule="; ".join(origins[:4]),
-                fix=f"assign the whole group to one source (e.g. match '{group}*'), "
-                    "or set on_conflict: promote | demote"))
+            # one problem per shape of split, not per layer (a 94-layer rule gives one line)
+            key = (_any_layer(group), desc)
+            splits[key].append(members[0].layer)
+            origins.setdefault(key, set()).update(chosen[m.name][1] for m in members)
             continue
         pick = max if cfg.on_conflict == "promote" else min
         winner = pick(members, key=lambda m: (fmts[m.name].weight_bits,
@@ -269,7 +270,25 @@ def _resolve_groups(cfg: MixConfig, sources: dict[str, Source], mods: list[Modul
                 chosen[m.name] = (src, chosen[m.name][1])
         warnings.append(f"{group}: split ({desc}); {cfg.on_conflict}d to {src} "
                         f"({fmts[winner.name].label()})")
+    for (group, desc), layers in splits.items():
+        problems.append(ConfigError(
+            f"fused group {group}{_in_layers(layers)} is split across formats — {desc}; the "
+            "engines run one quant method per fused group", file=cfg.file,
+            rule="; ".join(sorted(origins[(group, desc)])[:4]),
+            fix=f"assign the whole group to one source (e.g. match '{group}*'), "
+                "or set on_conflict: promote | demote"))
     return notes, warnings, problems
+
+
+def _any_layer(name: str) -> str:
+    return re.sub(r"layers\.\d+", "layers.*", name)
+
+
+def _in_layers(layers: list[int | None]) -> str:
+    known = sorted({x for x in layers if x is not None})
+    if not known:
+        return ""
+    return f" in {len(known)} layer{'s' if len(known) > 1 else ''} ({_ranges(known)})"
 
 
 def _tp_problems(plan_rows: list[Assignment], config: dict[str, Any], tp: int, ep: int,
@@ -284,7 +303,7 @@ def _tp_problems(plan_rows: list[Assignment], config: dict[str, Any], tp: int, e
         problems.append(MixloadError(f"{kv} KV heads and TP={tp}: neither divides the other",
                                      file=file, fix="choose a TP size that divides or is a "
                                                     "multiple of the KV heads"))
-    n_exp = config.get("num_experts") or 0
+    n_exp = catalog.num_experts(config)
     if ep > 1 and n_exp % ep:
         problems.append(MixloadError(f"{n_exp} experts are not divisible by EP={ep}", file=file,
                                      fix="choose an EP size that divides the number of experts"))
@@ -296,13 +315,11 @@ def _tp_problems(plan_rows: list[Assignment], config: dict[str, Any], tp: int, e
             continue
         split = 1 if (m.kind == "experts" and ep > 1) else (min(tp, m.heads) if m.heads else tp)
         for why in a.format.tp_problems(m.shape[0], m.shape[1], m.parallel, split):
-            seen[(re.sub(r"layers\.\d+", "layers.*", m.group), why)].append(m)
+            seen[(_any_layer(m.group), why)].append(m)
     for (group, why), mods in seen.items():
         short = sorted({_short(m.name) for m in mods})
-        layers = sorted({m.layer for m in mods if m.layer is not None})
-        where = f"{group} ({', '.join(short[:3])}{' …' if len(short) > 3 else ''})"
-        if layers:
-            where += f" in {len(layers)} layer{'s' if len(layers) > 1 else ''} ({_ranges(layers)})"
+        where = (f"{group} ({', '.join(short[:3])}{' …' if len(short) > 3 else ''})"
+                 + _in_layers([m.layer for m in mods]))
         problems.append(MixloadError(
             f"TP={tp}{f' EP={ep}' if ep > 1 else ''}: {why}", tensor=where,
             fix="choose another TP size, or a format whose tiles this shard fits"))

@@ -71,7 +71,7 @@ def test_per_rank_bytes_replicate_kv_heads_beyond_tp(qwen3_30b: dict[str, Path],
 
 def test_fused_group_split_is_an_error_by_default(small_moe: dict[str, Path], tmp_path: Path) -> None:
     cfg = _mix(tmp_path, small_moe, rules=[{"match": "*.self_attn.q_proj", "use": "gptq"}])
-    with pytest.raises(PlanError, match="qkv_proj is split across formats") as err:
+    with pytest.raises(PlanError, match=r"layers\.\*\.self_attn\.qkv_proj in 2 layers \(0-1\) is split across formats") as err:
         build_plan(cfg)
     assert "on_conflict" in str(err.value) and "rules[0]" in str(err.value)
 
@@ -145,7 +145,8 @@ def test_every_problem_is_listed_at_once(small_moe: dict[str, Path], tmp_path: P
     cfg = _mix(tmp_path, small_moe, rules=[{"match": "*.self_attn.q_proj", "use": "gptq"}])
     with pytest.raises(PlanError) as err:
         build_plan(cfg)
-    assert len(err.value.problems) == 3   # the missing folder, the split qkv group of 2 layers
+    assert len(err.value.problems) == 2   # the missing folder; the qkv split, once for 2 layers
+    assert "self_attn.qkv_proj in 2 layers (0-1) is split" in str(err.value)
 
 
 def test_fingerprint_is_stable_and_sensitive(small_moe: dict[str, Path], tmp_path: Path) -> None:
