@@ -1,4 +1,4 @@
-"""mixload plan | check | explain | schema — bad input exits 2 with a message, never a traceback."""
+"""mixload plan | check | explain | convert | schema — bad input exits 2 with a message, never a traceback."""
 from __future__ import annotations
 
 import argparse
@@ -53,6 +53,14 @@ def cmd_explain(args: argparse.Namespace, out: Console) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace, out: Console) -> int:
+    from .convert import convert
+    folder = convert(args.src, args.output, args.to, group_size=args.group, calib=args.calib,
+                     overwrite=args.overwrite, scale_dtype=args.scale_dtype)
+    out.print(f"wrote {folder}")
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace, out: Console) -> int:
     sys.stdout.write(config_mod.json_schema() + "\n")
     return 0
@@ -75,10 +83,20 @@ def parser() -> argparse.ArgumentParser:
     with_config("explain", "which rule, source, tensors and bytes a module gets").add_argument(
         "name", help="module or tensor name, glob, or re:regex")
     sub.add_parser("schema", help="JSON Schema of the mix YAML, for editors")
+    conv = sub.add_parser("convert", help="quantize a BF16/FP16 checkpoint into a format the "
+                                          "engines load natively (no plugin)")
+    conv.add_argument("src", help="BF16/FP16 safetensors checkpoint folder")
+    conv.add_argument("--to", required=True, choices=["fp8", "gptq-int4", "awq-int4", "ct-int4", "ct-fp8"])
+    conv.add_argument("--group", type=int, default=128, help="int4 group size (-1: per channel)")
+    conv.add_argument("--calib", help="text file: GPTQ error compensation on its activations")
+    conv.add_argument("--scale-dtype", choices=["F32", "BF16", "F16"], help="default: the format's usual")
+    conv.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
+    conv.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     return p
 
 
-COMMANDS = {"plan": cmd_plan, "check": cmd_check, "explain": cmd_explain, "schema": cmd_schema}
+COMMANDS = {"plan": cmd_plan, "check": cmd_check, "explain": cmd_explain, "schema": cmd_schema,
+            "convert": cmd_convert}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -203,7 +203,7 @@ def open_source(name: str, path: str | os.PathLike[str]) -> Source:
     folder = Path(path)
     if not folder.is_dir():
         raise SourceError(f"source {name!r}: folder does not exist", file=folder,
-                          fix="check the path in the mix config")
+                          fix="check the path (in the mix config or on the command line)")
     config = _read_json(folder / "config.json")
     if not isinstance(config, dict):
         raise SourceError("config.json is not an object", file=folder / "config.json")

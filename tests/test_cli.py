@@ -80,3 +80,15 @@ def test_check_lists_every_problem(small_moe: dict[str, Path], tmp_path: Path) -
 def test_schema_is_json() -> None:
     r = mixload("schema")
     assert r.returncode == 0 and "mixed_precision" in json.loads(r.stdout)["anyOf"][0]["properties"]
+
+
+def test_convert_then_plan_the_result(small_moe: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "awq"
+    r = mixload("convert", small_moe["bf16"], "--to", "awq-int4", "-o", out)
+    assert r.returncode == 0, r.stderr
+    again = mixload("convert", small_moe["bf16"], "--to", "awq-int4", "-o", out)
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    mix = write_yaml(tmp_path / "m.yaml", {"sources": {"bf16": str(small_moe["bf16"]), "awq": str(out)},
+                                           "rules": [{"match": "*.mlp.experts.*", "use": "awq"}]})
+    r = mixload("plan", mix)
+    assert r.returncode == 0 and "awq-int4-g128 (awq)" in r.stdout
