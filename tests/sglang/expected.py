@@ -1,0 +1,81 @@
+"""What each SGLang parameter must hold, computed from the plan's tensors by SGLang's own naming
+rules (fused q/k/v and gate/up, experts stacked into w13 / w2), independently of the loader."""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import torch
+from safetensors import safe_open
+
+from mixload.core.plan import Plan
+
+
+def planned_tensors(plan: Plan) -> dict[str, torch.Tensor]:
+    """Checkpoint name -> tensor, for every tensor the plan names, read from its file."""
+    by_file = defaultdict(list)
+    for a in plan.assignments:
+        for t in a.tensors.values():
+            by_file[t.file].append(t.name)
+    out = {}
+    for file, names in by_file.items():
+        with safe_open(str(file), framework="pt") as f:
+            out.update({n: f.get_tensor(n) for n in names})
+    return out
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a tensor, so that equality is bit-for-bit (no NaN or -0.0 leniency)."""
+    view = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    return t.contiguous().view(view)
+
+
+def _join(param_shape: torch.Size, shards: list[torch.Tensor]) -> torch.Tensor:
+    if len(shards) == 1:
+        return shards[0]
+    if all(s.shape == param_shape for s in shards):   # replicated per shard (GPTQ g_idx)
+        assert all(torch.equal(bits(s), bits(shards[0])) for s in shards)
+        return shards[0]
+    dim = next(d for d in range(len(param_shape))
+               if param_shape[d] == sum(s.shape[d] for s in shards))
+    return torch.cat(shards, dim)
+
+
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+EXPERT = {"w13": ("gate_proj", "up_proj"), "w2": ("down_proj",)}
+
+
+def expected(name: str, param: torch.Tensor, ckpt: dict[str, torch.Tensor],
+             num_experts: int) -> torch.Tensor | None:
+    """The value parameter `name` must hold, or None if no checkpoint tensor backs it."""
+    m = re.match(r"(.*)\.(qkv_proj|gate_up_proj)\.(\w+)$", name)
+    if m:
+        parts = [ckpt.get(f"{m[1]}.{p}.{m[3]}") for p in FUSED[m[2]]]
+        return None if any(p is None for p in parts) else _join(param.shape, parts)
+    m = re.match(r"(.*)\.experts\.(w13|w2)_(\w+)$", name)
+    if m:
+        per_expert = []
+        for e in range(num_experts):
+            parts = [ckpt.get(f"{m[1]}.experts.{e}.{p}.{m[3]}") for p in EXPERT[m[2]]]
+            if any(p is None for p in parts):
+                return None
+            per_expert.append(_join(param.shape[1:], parts))
+        return torch.stack(per_expert)
+    return ckpt.get(name)
+
+
+def mismatches(model: torch.nn.Module, plan: Plan) -> tuple[list[str], list[str], int]:
+    """(parameters that differ from the plan, parameters no planned tensor backs, checked)."""
+    ckpt = planned_tensors(plan)
+    num_experts = int(plan.sources[plan.config.base].config.get("num_experts") or 0)
+    bad, unbacked, checked = [], [], 0
+    for name, p in model.named_parameters():
+        want = expected(name, p, ckpt, num_experts)
+        if want is None:
+            unbacked.append(name)
+            continue
+        checked += 1
+        want = want.to(p.dtype)   # what a copy into the engine's dtype gives (exact if same)
+        if want.shape != p.shape or not torch.equal(bits(p.data), bits(want)):
+            bad.append(name)
+    return bad, unbacked, checked
