@@ -42,3 +42,18 @@ class PlanError(MixloadError):
 
     def render(self) -> str:  # the problems already carry file/tensor/rule/fix
         return self.what
+
+
+class AuditError(MixloadError):
+    """An engine did not load what the plan says (a tensor not consumed, a parameter not filled,
+    a layer run in another format); carries every problem found, each naming layer and tensor."""
+
+    def __init__(self, problems: list[MixloadError], fingerprint: str) -> None:
+        self.problems = problems
+        n = len(problems)
+        body = "\n".join(f"[{i + 1}/{n}] {p.render()}" for i, p in enumerate(problems))
+        super().__init__(f"load audit of plan {fingerprint}: {n} problem{'s' if n != 1 else ''}"
+                         f"\n{body}")
+
+    def render(self) -> str:  # the problems already carry file/tensor/rule/fix
+        return self.what

@@ -1,0 +1,40 @@
+"""The differences between the vLLM versions mixload supports (0.26 on GPU, 0.30 on CPU) that its
+code path meets, each as one named shim. See /work/shared/engine-facts/vllm-0.26-vs-0.30.md.
+
+Where the versions agree (register_quantization_config, register_model_loader, BaseModelLoader,
+the Fp8 / AutoGPTQ / AutoAWQ configs and their method constructors, RoutedExperts), the adapter
+imports vLLM directly.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+#: vLLM's method classes -> the mixload format each runs. The engine decides by class NAME in
+#: places (weight_loader_v2, v0.26's intermediate_size_full for AutoGPTQMoEMethod), so the
+#: adapter returns these exact classes and checks names, never subclasses. Same names in both
+#: versions; AutoAWQMarlinLinearMethod is what AWQ linears get on CPU, and on CUDA when Marlin fits.
+METHOD_FORMATS: dict[str, str] = {
+    "UnquantizedLinearMethod": "unquantized",
+    "UnquantizedFusedMoEMethod": "unquantized",
+    "Fp8LinearMethod": "fp8",
+    "Fp8MoEMethod": "fp8",
+    "AutoGPTQLinearMethod": "gptq",
+    "AutoGPTQMoEMethod": "gptq",
+    "AutoAWQLinearMethod": "awq",
+    "AutoAWQMarlinLinearMethod": "awq",
+    "AutoAWQMoEMethod": "awq",
+}
+
+#: Parameters the engine initializes itself and no checkpoint fills: 0.30's int4 MoE methods add
+#: zero `w13_bias` / `w2_bias` (dropped after loading if nothing wrote them); 0.26 has none.
+ENGINE_INITIALIZED_SUFFIXES: tuple[str, ...] = (".w13_bias", ".w2_bias")
+
+
+def method_format(method: Any) -> str:
+    """The format a layer's quant method runs ("gptq", ...), or the class name if unknown."""
+    name = type(method).__name__
+    return METHOD_FORMATS.get(name, name)
+
+
+def is_engine_initialized(param_name: str) -> bool:
+    return param_name.endswith(ENGINE_INITIALIZED_SUFFIXES)

@@ -1,0 +1,134 @@
+"""The vLLM model loader "mixed": exactly the planned tensors, into vLLM's own weight loaders.
+
+`LLM(folder, load_format="mixed")` / `vllm serve folder --load-format mixed`, where folder comes
+from `mixload build`. vLLM builds the model with the mixload quant config (each layer in its
+planned format); this loader checks those methods, streams the planned tensors into
+`model.load_weights`, audits the result, and leaves vLLM to run process_weights_after_loading
+(repacking into kernel layouts) as for any checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from vllm.config import ModelConfig, VllmConfig
+from vllm.model_executor.model_loader import register_model_loader
+from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+from mixload.core import audit
+from mixload.core.errors import MixloadError
+from mixload.core.plan import Plan
+from mixload.core.stream import Consumption, ReadStats, planned_bytes, stream
+
+from .compat import is_engine_initialized, method_format
+from .quant_config import MixloadConfig
+
+logger = logging.getLogger(__name__)
+LOAD_FORMAT = "mixed"
+
+
+@dataclass
+class LoadReport:
+    """What one load did, kept on the model as `model.mixload_report` (plain data: picklable)."""
+
+    fingerprint: str
+    planned_bytes: int       # every planned tensor
+    read_bytes: int          # tensor bytes read from the checkpoints
+    param_bytes: int         # the model's parameters after loading, before any repacking
+    redundant_bytes: int     # planned tensors the engine had no use for (see audit.redundant)
+    tensors: int
+    files_opened: int
+    by_file: dict[str, int]
+
+
+@register_model_loader(LOAD_FORMAT)
+class MixedModelLoader(BaseModelLoader):
+    """Loads a `mixload build` folder: its weights stay in the source checkpoints."""
+
+    _config: MixloadConfig | None = None
+
+    def download_model(self, model_config: ModelConfig) -> None:
+        """Nothing to fetch: the plan names local checkpoint folders."""
+
+    def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig,
+                   prefix: str = "") -> nn.Module:
+        # load_weights is handed only the model; the plan lives in the quant config.
+        self._config = vllm_config.quant_config
+        return super().load_model(vllm_config, model_config, prefix)
+
+    def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
+        if not isinstance(self._config, MixloadConfig) or self._config.plan is None:
+            raise MixloadError(f"load format {LOAD_FORMAT!r} needs a folder made by "
+                               "`mixload build` (config.json quant_method: mixload)",
+                               file=model_config.model,
+                               fix="run `mixload build mix.yaml -o DIR` and serve DIR")
+        report = load_planned(model, self._config.plan)
+        model.mixload_report = report
+        logger.info("mixload: plan %s loaded: %s", report.fingerprint, asdict(report))
+
+
+def load_planned(model: nn.Module, plan: Plan) -> LoadReport:
+    """Stream the plan into a freshly built vLLM model and audit it; raises AuditError."""
+    methods = observed_methods(model)
+    audit.check_methods(plan, methods)   # before a byte is read
+    params = {n: p for n, p in model.named_parameters() if not is_engine_initialized(n)}
+    audit.arm(params)
+    stats = ReadStats()
+    planned = {t.name: (a, suffix) for a in plan.assignments for suffix, t in a.tensors.items()}
+    redundant: set[str] = set()
+    tracker = Consumption(params)
+    last = [""]   # the tensor being loaded, for the message if vLLM refuses it
+
+    def weights():   # noqa: ANN202 - a generator of (name, tensor)
+        for name, tensor in tracker.watch(stream(plan, stats)):
+            if audit.redundant(*planned[name], tensor):
+                redundant.add(name)
+            last[0] = name
+            yield name, tensor
+
+    with torch.no_grad(), tracker:
+        try:
+            model.load_weights(weights())
+        except (ValueError, KeyError, AssertionError, RuntimeError, IndexError) as exc:
+            if not last[0]:
+                raise
+            a, suffix = planned[last[0]]
+            raise MixloadError(
+                f"vLLM could not load this tensor into layer {a.module.group}: "
+                f"{type(exc).__name__}: {exc}", file=a.tensors[suffix].file, tensor=last[0],
+                rule=a.origin, fix="the layer vLLM built does not match the plan; "
+                                   "run `mixload check` on the YAML") from exc
+    audit.check(plan, audit.Observation(
+        methods=methods,
+        consumed=tracker.consumed,
+        redundant=redundant,
+        unfilled=audit.unfilled(params),
+        dtypes={n: audit.dtype_name(p.dtype) for n, p in params.items()}))
+    return LoadReport(
+        fingerprint=plan.fingerprint, planned_bytes=planned_bytes(plan),
+        read_bytes=stats.bytes_read,
+        param_bytes=sum(p.numel() * p.element_size() for p in params.values()),
+        redundant_bytes=sum(planned[n][0].tensors[planned[n][1]].nbytes for n in redundant
+                            if not tracker.consumed.get(n)),
+        tensors=stats.tensors, files_opened=stats.files_opened, by_file=stats.by_file)
+
+
+def report_of(model: nn.Module) -> LoadReport:
+    """The report of the load that filled `model`: `llm.apply_model(report_of)`."""
+    return model.mixload_report
+
+
+def observed_methods(model: nn.Module) -> dict[str, str]:
+    """Engine layer name (as its quant method was asked for) -> the format its method runs."""
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
+    from vllm.model_executor.layers.linear import LinearBase
+
+    methods = {}
+    for module in model.modules():
+        if isinstance(module, LinearBase):
+            methods[module.prefix] = method_format(module.quant_method)
+        elif isinstance(module, RoutedExperts):
+            methods[module.layer_name] = method_format(module.quant_method)
+    return methods

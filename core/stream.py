@@ -1,0 +1,125 @@
+"""Stream exactly the planned tensors of a plan to an engine, and see which ones it took.
+
+Backend-neutral: an adapter feeds `stream(plan)` to its model's own weight loading, inside a
+`Consumption` that records which streamed tensors reached a parameter; `audit` judges the result.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from .plan import Plan
+from .sources import TensorInfo
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class ReadStats:
+    """What `stream` read: tensor bytes per file (safetensors headers are not counted)."""
+
+    tensors: int = 0
+    bytes_read: int = 0
+    by_file: dict[str, int] = field(default_factory=dict)
+    files_opened: int = 0
+
+
+def planned_tensors(plan: Plan) -> dict[Path, list[TensorInfo]]:
+    """Every planned tensor, grouped by file and in file order (sequential reads)."""
+    by_file: dict[Path, list[TensorInfo]] = defaultdict(list)
+    for a in plan.assignments:
+        for t in a.tensors.values():
+            by_file[t.file].append(t)
+    return {f: sorted(ts, key=lambda t: t.begin) for f, ts in by_file.items()}
+
+
+def planned_bytes(plan: Plan) -> int:
+    return sum(a.nbytes for a in plan.assignments)
+
+
+def stream(plan: Plan, stats: ReadStats | None = None) -> Iterator[tuple[str, Tensor]]:
+    """(checkpoint name, tensor) for exactly the planned tensors: each file is opened once and
+    only the planned tensors' bytes are read from it (safetensors maps the file and copies
+    just the requested tensor)."""
+    from safetensors import safe_open
+
+    stats = stats if stats is not None else ReadStats()
+    for file, infos in planned_tensors(plan).items():
+        with safe_open(str(file), framework="pt") as f:
+            stats.files_opened += 1
+            for info in infos:
+                tensor = f.get_tensor(info.name)
+                n = tensor.numel() * tensor.element_size()
+                stats.tensors += 1
+                stats.bytes_read += n
+                stats.by_file[str(file)] = stats.by_file.get(str(file), 0) + n
+                yield info.name, tensor
+
+
+def _storage(t: Tensor) -> int | None:
+    """The address of a dense tensor's storage (shared by all its views); None if it has none."""
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):   # meta, sparse and other storage-less tensors
+        return None
+    return ptr or None   # empty tensors all sit at 0
+
+
+class Consumption(TorchDispatchMode):
+    """Records which streamed tensors an engine wrote into its parameters.
+
+    Engines reshape checkpoint tensors on the way in (narrow for TP, cat, transpose, cast), so
+    identity is not enough: every op's outputs inherit the checkpoint names of its inputs, and
+    an op that writes into a parameter's storage marks those names consumed. A tensor the
+    engine drops on the floor (an unknown name, a suffix it ignores) is never marked.
+    """
+
+    def __init__(self, params: Mapping[str, Tensor]) -> None:
+        super().__init__()
+        self._params = {ptr: name for name, p in params.items()
+                        if (ptr := _storage(p)) is not None}
+        self._origin: dict[int, frozenset[str]] = {}
+        #: checkpoint tensor -> the parameters it was written into
+        self.consumed: dict[str, set[str]] = defaultdict(set)
+
+    def watch(self, stream: Iterable[tuple[str, Tensor]]) -> Iterator[tuple[str, Tensor]]:
+        """Pass a (name, tensor) stream through, remembering each tensor's name."""
+        for name, tensor in stream:
+            ptr = _storage(tensor)
+            if ptr is not None:
+                self._origin[ptr] = frozenset({name})
+            yield name, tensor
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        names = frozenset().union(*(self._origin.get(_storage(t), ()) for t in inputs))
+        schema = getattr(func, "_schema", None)
+        written = [a for a, spec in zip(args, schema.arguments if schema else ())
+                   if isinstance(a, torch.Tensor) and spec.alias_info is not None
+                   and spec.alias_info.is_write]
+        outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        for t in outputs:
+            ptr = _storage(t)
+            if ptr is None or ptr in self._params:
+                continue
+            # A fresh allocation may reuse a freed tensor's address: always overwrite.
+            if names:
+                self._origin[ptr] = names
+            else:
+                self._origin.pop(ptr, None)
+        if names:
+            targets = {self._params[p] for p in map(_storage, written + outputs)
+                       if p in self._params}
+            for name in names if targets else ():
+                self.consumed[name] |= targets
+        return out
