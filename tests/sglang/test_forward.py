@@ -12,9 +12,9 @@ import shutil
 
 import pytest
 import torch
-from conftest import write_mix
-from expected import planned_tensors
-from forward import greedy
+from sgl_fixtures import write_mix
+from sgl_expected import planned_tensors
+from sgl_forward import greedy
 from safetensors.torch import save_file
 from sglang.srt.configs.device_config import DeviceConfig
 from sglang.srt.configs.load_config import LoadConfig

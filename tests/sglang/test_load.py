@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_mix
-from expected import mismatches
+from sgl_fixtures import write_mix
+from sgl_expected import mismatches
 from sglang.srt.configs.device_config import DeviceConfig
 from sglang.srt.configs.load_config import LoadConfig
 from sglang.srt.model_loader.loader import get_model_loader

@@ -1,0 +1,138 @@
+"""Fixtures of the SGLang tests: the tiny checkpoint family, mix YAMLs, and SGLang's process
+state set up the way its scheduler does (conftest.py imports this only when SGLang is there)."""
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+# hidden 256, head_dim 128, 4 heads / 2 KV heads, 2 layers, vocab 1024, 8 experts top-2:
+# every linear dim a multiple of 128, so FP8 blocks, GPTQ/AWQ groups and Marlin tiles fit.
+COMMON = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, head_dim=128,
+              num_key_value_heads=2, vocab_size=1024, tie_word_embeddings=False,
+              max_position_embeddings=512, rms_norm_eps=1e-6, rope_theta=10000.0,
+              bos_token_id=1, eos_token_id=2)
+ARCH = {
+    "qwen3-moe": dict(architectures=["Qwen3MoeForCausalLM"], num_experts=8, num_experts_per_tok=2,
+                      moe_intermediate_size=256, intermediate_size=512, decoder_sparse_step=1,
+                      mlp_only_layers=[], norm_topk_prob=True),
+    "qwen3": dict(architectures=["Qwen3ForCausalLM"], intermediate_size=512),
+}
+QUANTIZED = {"fp8": "fp8", "gptq": "gptq-int4", "awq": "awq-int4"}
+
+
+def _write_bf16(folder: Path, arch: str, seed: int) -> Path:
+    """A random BF16 checkpoint laid out like the hub's (one tensor per expert)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3MoeConfig
+
+    cls = Qwen3MoeConfig if arch == "qwen3-moe" else Qwen3Config
+    config = cls(**COMMON, **ARCH[arch], torch_dtype="bfloat16")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    sd = {k: (torch.randn(v.shape) * 0.05).to(torch.bfloat16) for k, v in model.state_dict().items()}
+    for k in [k for k in sd if k.endswith("mlp.experts.gate_up_proj")]:
+        pre = k.removesuffix("gate_up_proj")
+        gate_up, down = sd.pop(k), sd.pop(pre + "down_proj")
+        inter = gate_up.shape[1] // 2
+        for e in range(gate_up.shape[0]):
+            sd[f"{pre}{e}.gate_proj.weight"] = gate_up[e, :inter].clone()
+            sd[f"{pre}{e}.up_proj.weight"] = gate_up[e, inter:].clone()
+            sd[f"{pre}{e}.down_proj.weight"] = down[e].clone()
+    folder.mkdir(parents=True)
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = config.to_dict()
+    if "num_local_experts" in cfg:   # transformers 5 spelling; hub configs say num_experts
+        cfg["num_experts"] = cfg.pop("num_local_experts")
+    cfg["architectures"] = ARCH[arch]["architectures"]
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
+def _bf16_checkpoint(root: Path, arch: str, seed: int = 0) -> Path:
+    """The tiny family's BF16 checkpoint when `mixload.core.tiny_family` exists, else our own."""
+    if seed == 0:
+        try:
+            from mixload.core import tiny_family
+            return Path(tiny_family.ensure(arch))
+        except (ImportError, AttributeError):
+            pass
+    return _write_bf16(root / f"{arch}-bf16-seed{seed}", arch, seed)
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path]]:
+    """{arch: {"bf16", "bf16b", "fp8", "gptq", "awq": folder}}: a BF16 checkpoint, a second one
+    with other random weights, and its FP8 / GPTQ-int4 / AWQ-int4 siblings (mixload convert)."""
+    from mixload.core.convert import convert
+
+    root = tmp_path_factory.mktemp("tiny")
+    out: dict[str, dict[str, Path]] = {}
+    for arch in ARCH:
+        bf16 = _bf16_checkpoint(root, arch)
+        out[arch] = {"bf16": bf16, "bf16b": _bf16_checkpoint(root, arch, seed=1)}
+        for key, to in QUANTIZED.items():
+            out[arch][key] = convert(bf16, root / f"{arch}-{key}", to)
+    return out
+
+
+def write_mix(path: Path, sources: dict[str, Path], base: str, rules: list[tuple[str, str]],
+              **extra: Any) -> Path:
+    """A rule-form mix YAML."""
+    doc = {"sources": {k: str(v) for k, v in sources.items()}, "base": base,
+           "rules": [{"match": m, "use": u} for m, u in rules], **extra}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+# ---- SGLang's process state, set up the way its scheduler does (gloo world of one)
+
+_DIST = {"ready": False}
+
+
+def _ensure_world() -> None:
+    """A gloo world of one and the model-parallel groups, once per process (after the server
+    args are published: the groups read their sizes from them)."""
+    from sglang.srt.distributed.parallel_state import (init_distributed_environment,
+                                                       initialize_model_parallel)
+    if not _DIST["ready"]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        init_distributed_environment(world_size=1, rank=0, local_rank=0, backend="gloo",
+                                     distributed_init_method=f"tcp://127.0.0.1:{port}")
+        initialize_model_parallel()
+        _DIST["ready"] = True
+
+
+@pytest.fixture
+def model_config():
+    """model_config(path, quantization="mixload", dtype="bfloat16") -> SGLang's ModelConfig,
+    with server args published for that model as the scheduler would."""
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.layers.dp_attention import init_dp_gathered_buffer, initialize_dp_attention
+    from sglang.srt.layers.moe import initialize_moe_config
+    from sglang.srt.runtime_context import SpawnRanks, publish
+    from sglang.srt.server_args import ServerArgs
+
+    from mixload.adapters.sglang import plugin
+
+    plugin.register()
+
+    def make(path: Path, quantization: str | None = "mixload", dtype: str = "bfloat16"):
+        sa = ServerArgs(model_path=str(path), device="cpu", tp_size=1, dtype=dtype,
+                        quantization=quantization, attention_backend="torch_native",
+                        skip_tokenizer_init=True, disable_cuda_graph=True)
+        publish(sa, role="scheduler", ranks=SpawnRanks(world_rank=0, dp_rank=None, gpu_id=0))
+        initialize_moe_config()
+        _ensure_world()
+        mc = ModelConfig(model_path=str(path), dtype=dtype, quantization=quantization)
+        initialize_dp_attention(sa)
+        init_dp_gathered_buffer(mc)
+        return mc
+    return make
