@@ -73,7 +73,7 @@ def load_planned(model: nn.Module, plan: Plan) -> LoadReport:
     """Stream the plan into a freshly built vLLM model and audit it; raises AuditError."""
     methods = observed_methods(model)
     audit.check_methods(plan, methods)   # before a byte is read
-    params = {n: p for n, p in model.named_parameters() if not is_engine_initialized(n)}
+    params = {n: p for n, p in layer_params(model).items() if not is_engine_initialized(n)}
     audit.arm(params)
     stats = ReadStats()
     planned = {t.name: (a, suffix) for a in plan.assignments for suffix, t in a.tensors.items()}
@@ -122,13 +122,31 @@ def report_of(model: nn.Module) -> LoadReport:
 
 def observed_methods(model: nn.Module) -> dict[str, str]:
     """Engine layer name (as its quant method was asked for) -> the format its method runs."""
+    return {name: method_format(module.quant_method)
+            for module in model.modules() if (name := _layer_name(module)) is not None}
+
+
+def layer_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter, named by the layer it belongs to as the plan names layers: a MoE's
+    `model.layers.0.mlp.experts.routed_experts.w13_weight` is `...mlp.experts.w13_weight`."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for path, module in model.named_modules():
+        layer = _layer_name(module) or path
+        for name, p in module.named_parameters(recurse=False):
+            if id(p) not in seen:   # tied weights: one name, the first
+                seen.add(id(p))
+                out[f"{layer}.{name}" if layer else name] = p
+    return out
+
+
+def _layer_name(module: nn.Module) -> str | None:
+    """The name vLLM asked the quant config about (linear and MoE layers only)."""
     from vllm.model_executor.layers.fused_moe import RoutedExperts
     from vllm.model_executor.layers.linear import LinearBase
 
-    methods = {}
-    for module in model.modules():
-        if isinstance(module, LinearBase):
-            methods[module.prefix] = method_format(module.quant_method)
-        elif isinstance(module, RoutedExperts):
-            methods[module.layer_name] = method_format(module.quant_method)
-    return methods
+    if isinstance(module, LinearBase):
+        return module.prefix
+    if isinstance(module, RoutedExperts):
+        return module.layer_name
+    return None

@@ -105,7 +105,13 @@ class MixloadConfig(QuantizationConfig):
         if fmt.name == "unquantized":
             # RoutedExperts turns None into its own UnquantizedFusedMoEMethod(moe_config).
             return None if is_moe else UnquantizedLinearMethod()
-        method = self._engine_config(fmt).get_quant_method(layer, prefix)
+        try:
+            method = self._engine_config(fmt).get_quant_method(layer, prefix)
+        except (NotImplementedError, ValueError) as exc:   # no kernel for it on this machine
+            raise MixloadError(
+                f"vLLM can't run this layer as {fmt.label()} here: {type(exc).__name__}: {exc}",
+                tensor=prefix, rule=self._groups[prefix][0].origin,
+                fix="choose another source for it, or run on a machine with that kernel") from exc
         if method_format(method) != fmt.name:
             raise MixloadError(
                 f"vLLM would run this layer with {type(method).__name__}, not a {fmt.label()} "
