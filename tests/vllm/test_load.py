@@ -43,14 +43,6 @@ def assert_bit_exact(model: torch.nn.Module, plan: Plan) -> None:
                                                          want.view(torch.uint8)), name
 
 
-def assert_bytes(report, plan: Plan) -> None:
-    # Read exactly the planned tensors, each once; hold exactly them (less what carries no
-    # information: vLLM 0.30 drops GPTQ's sequential g_idx).
-    assert report.read_bytes == report.planned_bytes == sum(a.nbytes for a in plan.assignments)
-    assert report.files_opened == len({t.file for a in plan.assignments for t in a.tensors.values()})
-    assert report.param_bytes == report.planned_bytes - report.redundant_bytes
-
-
 DENSE_INT4 = [{"match": "model.layers.0.self_attn.*", "use": "gptq"},
               {"match": "model.layers.0.mlp.*", "use": "awq"},
               {"match": "model.layers.1.self_attn.*", "use": "awq"},
@@ -66,7 +58,7 @@ def test_dense_bf16_gptq_awq_per_layer(dense: dict[str, Path], tmp_path: Path) -
     model, plan = mixed_model(tmp_path, dense_mix(dense, DENSE_INT4))
     report = load_planned(model, plan)
     assert_bit_exact(model, plan)
-    assert_bytes(report, plan)
+    vs.assert_report(report, plan)
     assert report.redundant_bytes == 4 * (256 + 256 + 256 + 512 + 512)   # g_idx of 5 GPTQ modules
 
 
@@ -77,7 +69,7 @@ def test_moe_bf16_experts_int4_attention(moe: dict[str, Path], tmp_path: Path) -
                   {"match": "model.layers.1.self_attn.*", "use": "awq"}]})
     report = load_planned(model, plan)
     assert_bit_exact(model, plan)
-    assert_bytes(report, plan)
+    vs.assert_report(report, plan)
 
 
 @needs_amx
@@ -89,7 +81,7 @@ def test_fp8_and_int4_experts(moe: dict[str, Path], tmp_path: Path) -> None:
                   {"match": "*.self_attn.*", "use": "fp8"}]})
     report = load_planned(model, plan)
     assert_bit_exact(model, plan)
-    assert_bytes(report, plan)
+    vs.assert_report(report, plan)
 
 
 @pytest.mark.skipif(AMX, reason="checks the refusal on a CPU without AMX")

@@ -1,0 +1,42 @@
+"""Two BF16 checkpoints of one architecture composed layer by layer and served through vLLM.
+No quantized kernel runs, so this end-to-end check runs on every CPU vLLM supports."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import vllm_support as vs
+from vllm import LLM
+
+from mixload.adapters.vllm.loader import report_of
+from mixload.core.build import build
+from mixload.core.plan import Plan
+
+MIX = {"sources": {"a": "{bf16}", "b": "{bf16-b}"},
+       "base": "a",
+       "rules": [{"match": "model.layers.1.*", "use": "b"},
+                 {"match": "lm_head", "use": "b"}]}
+
+
+@pytest.fixture(scope="module")
+def served(dense: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+           ) -> Iterator[tuple[LLM, Plan]]:
+    tmp = tmp_path_factory.mktemp("bf16-mix")
+    mix = vs.write_mix(tmp / "mix.yaml", vs.fill(MIX, dense))
+    llm = vs.start(build(mix, tmp / "model"))
+    yield llm, vs.plan_of(mix)
+    vs.stop(llm)
+
+
+def test_greedy_tokens_equal_the_reference(served: tuple[LLM, Plan]) -> None:
+    llm, plan = served
+    assert {a.source for a in plan.assignments} == {"a", "b"}
+    vs.assert_greedy_matches_reference(vs.greedy(llm), plan)
+
+
+def test_reads_and_holds_exactly_the_plan(served: tuple[LLM, Plan]) -> None:
+    llm, plan = served
+    (report,) = llm.apply_model(report_of)
+    vs.assert_report(report, plan)
+    assert report.redundant_bytes == 0
