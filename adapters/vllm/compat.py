@@ -25,9 +25,11 @@ METHOD_FORMATS: dict[str, str] = {
     "AutoAWQMoEMethod": "awq",
 }
 
-#: Parameters the engine initializes itself and no checkpoint fills: 0.30's int4 MoE methods add
-#: zero `w13_bias` / `w2_bias` (dropped after loading if nothing wrote them); 0.26 has none.
-ENGINE_INITIALIZED_SUFFIXES: tuple[str, ...] = (".w13_bias", ".w2_bias")
+#: Parameters the engine fills itself and no checkpoint does: 0.30's int4 MoE methods add zero
+#: `w13_bias` / `w2_bias` (dropped after loading if nothing wrote them); 0.26's GPTQ MoE method
+#: computes `w13_g_idx_sort_indices` / `w2_g_idx_sort_indices` after loading.
+ENGINE_INITIALIZED_SUFFIXES: tuple[str, ...] = (".w13_bias", ".w2_bias",
+                                                "_g_idx_sort_indices")
 
 
 def method_format(method: Any) -> str:
