@@ -2,53 +2,43 @@
 it exactly the planned tensors, and prove it took them.
 
 SGLang's `model.load_weights` silently skips names it does not know and leaves parameters it was
-never given uninitialized (torch.empty). So this loader records every weight_loader call while it
-streams, and ends in an audit: every planned tensor consumed, every parameter filled (each shard of
-a fused parameter, each local expert), each layer's quant method the planned one. A load that
-fails the audit raises; nothing half-loaded is served.
+never given uninitialized (torch.empty). So the load ends in mixload's engine-neutral audit
+(core/audit.py): parameters are armed with a sentinel before loading, a dispatch mode records
+which streamed tensor reached which parameter (core/stream.py), and afterwards every planned
+tensor must have been consumed, every parameter filled (all of it: a fused q/k/v with one shard
+missing, or an expert left out, still shows the sentinel), and every layer must run its planned
+format. A load that fails raises AuditError; nothing half-loaded is served.
 
 SGLang picks this loader when the model's quantization is `mixload` (the plugin wraps
 `get_model_loader`); the plan's YAML comes from `--model-loader-extra-config
 '{"mixload": {"config": "mix.yaml", ...}}'` (written by the launcher) or from a `mixload build`
-folder's `quantization_config: {quant_method: mixload, config: ...}`.
+folder's `quantization_config: {quant_method: mixload, mix: mix.yaml, fingerprint: ...}`.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from mixload.core import audit
 from mixload.core.config import load as load_mix
-from mixload.core.errors import MixloadError
+from mixload.core.errors import AuditError, MixloadError
 from mixload.core.plan import Plan, build_plan
+from mixload.core.stream import Consumption, ReadStats, stream
 
 logger = logging.getLogger(__name__)
 
 EXTRA_KEY = "mixload"   # key in --model-loader-extra-config
 ENV_REPORT_DIR = "MIXLOAD_REPORT_DIR"
-
-
-class AuditError(MixloadError):
-    """The engine did not take exactly what the plan says; carries every problem found."""
-
-    def __init__(self, problems: list[str], fingerprint: str) -> None:
-        self.problems = problems
-        head = f"mixload audit failed for plan {fingerprint}: {len(problems)} problem(s)"
-        body = "\n".join(f"  - {p}" for p in problems[:40])
-        more = f"\n  ... and {len(problems) - 40} more" if len(problems) > 40 else ""
-        super().__init__(f"{head}\n{body}{more}",
-                         fix="run `mixload check` on the YAML; if it passes, this is an adapter "
-                             "bug: report the plan and these lines")
 
 
 # ---- where the plan comes from
@@ -78,7 +68,7 @@ def settings_from_extra(extra: dict[str, Any] | None) -> Settings | None:
 def settings_from_quant_config(qc: dict[str, Any], folder: str | None = None) -> Settings:
     """From a config.json `quantization_config: {quant_method: mixload, config: ..}`; a relative
     path is relative to the model folder (a `mixload build` folder carries its YAML)."""
-    path = qc.get("config") or qc.get("mix_config")
+    path = qc.get("mix") or qc.get("config")   # `mixload build` writes "mix": "mix.yaml"
     if not path:
         raise MixloadError("quantization_config says quant_method: mixload but names no mix "
                            "config", fix="add `config: <mix.yaml>`, or rebuild with `mixload build`")
@@ -88,15 +78,13 @@ def settings_from_quant_config(qc: dict[str, Any], folder: str | None = None) ->
 
 
 def parallel_sizes() -> tuple[int, int]:
-    """(TP, EP) of this SGLang process; (1, 1) outside one (tests, the launcher)."""
-    try:
-        from sglang.srt.distributed import get_tensor_model_parallel_world_size
-        from sglang.srt.runtime_context import get_parallel
-        tp = get_tensor_model_parallel_world_size()
-        ep = getattr(get_parallel(), "moe_ep_size", 1) or 1
-        return tp, ep
-    except Exception:   # noqa: BLE001 - no parallel state: a single process
+    """(TP, EP) of this SGLang process; (1, 1) before its model-parallel groups exist."""
+    from sglang.srt.distributed import parallel_state as ps
+    from sglang.srt.runtime_context import get_parallel
+
+    if not ps.model_parallel_is_initialized():
         return 1, 1
+    return ps.get_tensor_model_parallel_world_size(), max(int(get_parallel().moe_ep_size or 1), 1)
 
 
 def plan_from_settings(settings: Settings, tp: int | None = None, ep: int | None = None) -> Plan:
@@ -111,160 +99,63 @@ def plan_from_settings(settings: Settings, tp: int | None = None, ep: int | None
     return plan
 
 
-# ---- streaming exactly the planned tensors
+# ---- loading exactly the planned tensors, and proving it (core/stream.py, core/audit.py)
+
+# SGLang's method classes -> the format each runs (what core.audit compares with the plan).
+# Names, not classes: AWQ-Marlin and plain AWQ share AWQLinearMethod and differ by scheme.
+METHOD_FORMATS: dict[str, str] = {
+    "UnquantizedLinearMethod": "unquantized",
+    "UnquantizedFusedMoEMethod": "unquantized",
+    "Fp8LinearMethod": "fp8",
+    "Fp8MoEMethod": "fp8",
+    "GPTQMarlinLinearMethod": "gptq",
+    "GPTQMarlinMoEMethod": "gptq",
+    "AWQLinearMethod": "awq",
+    "AWQMoEMethod": "awq",
+    "CompressedTensorsLinearMethod": "compressed-tensors",
+    "CompressedTensorsMoEMethod": "compressed-tensors",
+}
+# A method that would run the format with a fallback kernel instead of Marlin (SGLang falls
+# back silently, with a warning, when a layer's shape does not fit Marlin's tiles).
+MARLIN_SCHEMES = {"awq": ("AWQMarlinLinearScheme", "AWQMoEScheme")}
+# Parameters SGLang's methods create and fill themselves in process_weights_after_loading.
+ENGINE_INITIALIZED_SUFFIXES = (".w13_g_idx_sort_indices", ".w2_g_idx_sort_indices",
+                               ".g_idx_sort_indices")
+
 
 @dataclass
 class LoadRecord:
-    """What happened during one load: bytes read, and which parameter each tensor went into."""
+    """What one load did: bytes read, tensors left to other ranks (EP), time taken."""
 
-    read: dict[str, int] = field(default_factory=dict)              # tensor -> bytes read
-    skipped: set[str] = field(default_factory=set)                  # other ranks' experts
-    consumed: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
-    writes: dict[str, set[tuple[Any, Any]]] = field(default_factory=lambda: defaultdict(set))
+    stats: ReadStats = field(default_factory=ReadStats)
+    skipped: set[str] = field(default_factory=set)   # other EP ranks' experts: never read
     seconds: float = 0.0
-    current: str | None = None
 
     @property
     def bytes_read(self) -> int:
-        return sum(self.read.values())
+        return self.stats.bytes_read
 
 
-def planned_tensors(plan: Plan, record: LoadRecord,
-                    keep: Callable[[str, int | None], bool] = lambda module, expert: True,
-                    ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(checkpoint name, tensor) for every tensor of the plan, file by file in offset order,
-    counting the bytes. `keep(module, expert)` drops what this rank does not hold (EP)."""
-    from safetensors import safe_open
-
-    by_file: dict[Path, list[tuple[int, str]]] = defaultdict(list)
-    for a in plan.assignments:
-        if not keep(a.module.name, a.module.expert):
-            record.skipped.update(t.name for t in a.tensors.values())
-            continue
-        for t in a.tensors.values():
-            by_file[t.file].append((t.begin, t.name))
-    for file, entries in by_file.items():
-        with safe_open(str(file), framework="pt") as f:
-            for _, name in sorted(entries):
-                tensor = f.get_tensor(name)
-                record.read[name] = tensor.numel() * tensor.element_size()
-                record.current = name
-                yield name, tensor
-    record.current = None
+def method_format(module: nn.Module) -> str:
+    """The format a layer's quant method runs ("gptq", ...); the class name if unknown, and the
+    scheme too when SGLang fell back from Marlin."""
+    method = getattr(module, "quant_method", None)
+    name = type(method).__name__
+    fmt = METHOD_FORMATS.get(name, name)
+    schemes = MARLIN_SCHEMES.get(fmt)
+    scheme = type(getattr(module, "scheme", None)).__name__
+    return f"{fmt} ({scheme}, not Marlin)" if schemes and scheme not in schemes else fmt
 
 
-# ---- watching SGLang's weight loaders
-
-@contextlib.contextmanager
-def recording(model: nn.Module, record: LoadRecord) -> Iterator[None]:
-    """Wrap every parameter's weight_loader so each call is logged against the tensor being
-    streamed; restore them afterwards (SGLang reuses them for weight updates)."""
-    from sglang.srt.model_loader.weight_utils import default_weight_loader
-
-    restore: list[Callable[[], None]] = []
-    for pname, param in model.named_parameters():
-        attr = "_weight_loader" if hasattr(param, "_weight_loader") else "weight_loader"
-        original = getattr(param, attr, None)
-        fallback = original is None
-        inner = original or default_weight_loader
-        setattr(param, attr, _recorder(pname, inner, record))
-        restore.append(lambda p=param, a=attr, o=original, fb=fallback:
-                       delattr(p, a) if fb else setattr(p, a, o))
-    try:
-        yield
-    finally:
-        for undo in restore:
-            undo()
-
-
-def _recorder(pname: str, inner: Callable[..., Any], record: LoadRecord) -> Callable[..., Any]:
-    def weight_loader(param: nn.Parameter, loaded: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        # Positional forms: linear (param, w, shard_id); FusedMoE (param, w, name, shard_id, expert_id).
-        shard = kwargs.get("shard_id", args[-2] if len(args) >= 3 else args[0] if args else None)
-        expert = kwargs.get("expert_id", args[-1] if len(args) >= 3 else None)
-        if record.current is not None:
-            record.consumed[record.current].append(pname)
-        record.writes[pname].add((shard, expert))
-        return inner(param, loaded, *args, **kwargs)
-    return weight_loader
-
-
-# ---- the audit
-
-# What each format must become in SGLang, per layer kind. A mismatch means SGLang fell back
-# (AWQ-Marlin -> AWQ, Marlin MoE -> WNA16 Triton) or the plan and the model disagree.
-EXPECTED_METHOD = {
-    ("unquantized", "linear"): {"UnquantizedLinearMethod"},
-    ("unquantized", "moe"): {"UnquantizedFusedMoEMethod"},
-    ("unquantized", "embedding"): {"UnquantizedEmbeddingMethod"},
-    ("fp8", "linear"): {"Fp8LinearMethod"},
-    ("fp8", "moe"): {"Fp8MoEMethod"},
-    ("gptq", "linear"): {"GPTQMarlinLinearMethod"},
-    ("gptq", "moe"): {"GPTQMarlinMoEMethod"},
-    ("awq", "linear"): {"AWQLinearMethod"},          # AWQ-Marlin's method (scheme AWQMarlinLinearScheme)
-    ("awq", "moe"): {"AWQMoEMethod"},
-    ("ct-fp8", "linear"): {"CompressedTensorsLinearMethod"},
-    ("ct-fp8", "moe"): {"CompressedTensorsMoEMethod", "CompressedTensorsFusedMoEMethod"},
-    ("ct-int4", "linear"): {"CompressedTensorsLinearMethod"},
-    ("ct-int4", "moe"): {"CompressedTensorsMoEMethod", "CompressedTensorsFusedMoEMethod"},
-}
-# The AWQ-Marlin scheme; plain AWQ uses the same method class with another scheme.
-EXPECTED_SCHEME = {("awq", "linear"): "AWQMarlinLinearScheme", ("awq", "moe"): "AWQMoEScheme"}
-# Parameters a method creates for itself (filled in process_weights_after_loading), never
-# from a checkpoint.
-RUNTIME_ONLY = ("g_idx_sort_indices", "workspace")
-
-
-def audit(plan: Plan, model: nn.Module, record: LoadRecord) -> list[str]:
-    """Every problem with this load; empty if the model holds exactly the plan."""
-    problems: list[str] = []
-    planned = {t.name for a in plan.assignments for t in a.tensors.values()} - record.skipped
-    for name in sorted(planned - set(record.read)):
-        problems.append(f"planned tensor {name} was never read")
-    for name in sorted(n for n in planned & set(record.read) if not record.consumed.get(n)):
-        problems.append(f"tensor {name} was streamed but SGLang's load_weights ignored it "
-                        "(no parameter took it)")
-    problems += _unfilled(plan, model, record)
-    problems += _method_problems(plan, model)
-    return problems
-
-
-def _unfilled(plan: Plan, model: nn.Module, record: LoadRecord) -> list[str]:
-    from sglang.srt.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
+def observed_methods(model: nn.Module) -> dict[str, str]:
+    """SGLang layer (its module path, which is the prefix it asked the quant config with, and
+    the plan's group name) -> the format it runs. Every linear and MoE layer, including the
+    ones SGLang builds without a quant config (the router)."""
+    from sglang.srt.layers.linear import LinearBase
     from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
 
-    problems = []
-    optional = {t for a in plan.assignments for t in a.format.optional}
-    for mname, module in model.named_modules():
-        for pname, _ in module.named_parameters(recurse=False):
-            full = f"{mname}.{pname}" if mname else pname
-            if pname.endswith(RUNTIME_ONLY):
-                continue
-            got = record.writes.get(full, set())
-            if isinstance(module, FusedMoE):
-                want = _expert_keys(module, pname)
-            elif isinstance(module, QKVParallelLinear):
-                want = {("q", None), ("k", None), ("v", None)}
-            elif isinstance(module, MergedColumnParallelLinear):
-                want = {(i, None) for i in range(len(module.output_sizes))}
-            else:
-                want = {None}
-            if want == {None}:
-                missing = set() if got else {"the whole parameter"}
-            else:
-                missing = {k for k in want if k not in got}
-            if missing and not (pname.rsplit("_", 1)[-1] in optional or pname in optional):
-                shown = sorted(map(str, missing))[:6]
-                problems.append(f"parameter {full} was never filled: {', '.join(shown)}"
-                                f"{' …' if len(missing) > 6 else ''}")
-    return problems
-
-
-def _expert_keys(layer: nn.Module, pname: str) -> set[tuple[Any, Any]]:
-    """(shard, global expert id) pairs a FusedMoE parameter must receive on this rank."""
-    shards = ("w1", "w3") if pname.startswith("w13") else ("w2",)
-    local = local_experts(layer)
-    return {(s, e) for e in local for s in shards}
+    return {name: method_format(m) for name, m in model.named_modules()
+            if isinstance(m, (LinearBase, FusedMoE))}
 
 
 def local_experts(layer: nn.Module) -> list[int]:
@@ -276,58 +167,72 @@ def local_experts(layer: nn.Module) -> list[int]:
     return [e for e in range(total) if to_local(e) != -1]
 
 
-def _method_problems(plan: Plan, model: nn.Module) -> list[str]:
-    """Each quantizable SGLang layer runs the method of the format `plan` gives its modules
-    (the plan passed in, not the one the model was built with: they must be the same)."""
-    qc = getattr(model, "quant_config", None)
-    choices = getattr(qc, "choices", {})
-    by_name = plan.by_name()
-    problems, asked = [], set()
-    for mname, module in model.named_modules():
-        kind = _layer_kind(module)
-        if kind is None:
-            continue
-        choice = choices.get(mname)
-        # Layers SGLang builds without a quant config (the router, embeddings, lm_head) must
-        # still be what the plan says: unquantized.
-        modules = choice.modules if choice else ((mname,) if mname in by_name else ())
-        if not modules:
-            continue
-        asked.update(modules)
-        formats = {by_name[m].format for m in modules if m in by_name}
-        if len(formats) != 1:
-            problems.append(f"layer {mname}: the plan has no single format for {modules[:3]}")
-            continue
-        fmt = formats.pop()
-        key = (fmt.name, kind)
-        method = type(getattr(module, "quant_method", None)).__name__
-        want = EXPECTED_METHOD.get(key, set())
-        if method not in want:
-            problems.append(f"layer {mname}: plan says {fmt.label()}, SGLang runs {method} "
-                            f"(expected {'/'.join(sorted(want)) or 'a supported format'})")
-            continue
-        scheme = EXPECTED_SCHEME.get(key)
-        if scheme and type(getattr(module, "scheme", None)).__name__ != scheme:
-            problems.append(f"layer {mname}: {fmt.label()} fell back from Marlin to "
-                            f"{type(getattr(module, 'scheme', None)).__name__}")
-    linear = {a.module.name for a in plan.assignments if a.module.linear}
-    for name in sorted(linear - asked)[:20]:
-        problems.append(f"module {name} is in the plan but no SGLang layer asked for its method")
-    return problems
-
-
-def _layer_kind(module: nn.Module) -> str | None:
-    from sglang.srt.layers.linear import LinearBase
+def rank_plan(plan: Plan, model: nn.Module) -> tuple[Plan, set[str]]:
+    """The part of the plan this rank loads: under expert parallelism, only its own experts
+    (the others are never read). Returns the view and the tensors left out."""
     from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
-    from sglang.srt.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
-    if isinstance(module, FusedMoE):
-        return "moe"
-    if isinstance(module, LinearBase):
-        return "linear"
-    if isinstance(module, VocabParallelEmbedding):   # embed_tokens and ParallelLMHead
-        return "embedding"
-    return None
+    local = {name: set(local_experts(m)) for name, m in model.named_modules()
+             if isinstance(m, FusedMoE)}
+    keep, skipped = [], set()
+    for a in plan.assignments:
+        m = a.module
+        if m.expert is not None and m.group in local and m.expert not in local[m.group]:
+            skipped.update(t.name for t in a.tensors.values())
+        else:
+            keep.append(a)
+    return (plan if not skipped else replace(plan, assignments=keep)), skipped
+
+
+def layer_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter a checkpoint must fill (tied weights once), by its path."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if id(p) not in seen and not name.endswith(ENGINE_INITIALIZED_SUFFIXES):
+            seen.add(id(p))
+            out[name] = p
+    return out
+
+
+def load_weights(model: nn.Module, plan: Plan) -> LoadRecord:
+    """Stream this rank's planned tensors into SGLang's own load_weights and audit the result
+    (raises AuditError): every planned tensor written into a parameter, every parameter filled
+    (all of it: params are armed with a sentinel first), every layer in its planned format."""
+    local, skipped = rank_plan(plan, model)
+    record = LoadRecord(skipped=skipped)
+    methods = observed_methods(model)
+    _retag(plan, lambda: audit.check_methods(local, methods))   # before a byte is read
+    params = layer_params(model)
+    audit.arm(params)
+    planned = {t.name: (a, suffix) for a in local.assignments for suffix, t in a.tensors.items()}
+    redundant: set[str] = set()
+    tracker = Consumption(params)
+
+    def weights() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in tracker.watch(stream(local, record.stats)):
+            if audit.redundant(*planned[name], tensor):
+                redundant.add(name)
+            yield name, tensor
+
+    start = time.perf_counter()
+    with torch.no_grad(), tracker:
+        model.load_weights(weights())
+    record.seconds = time.perf_counter() - start
+    observation = audit.Observation(
+        methods=methods, consumed=dict(tracker.consumed), redundant=redundant,
+        unfilled=audit.unfilled(params),
+        dtypes={n: audit.dtype_name(p.dtype) for n, p in params.items()})
+    _retag(plan, lambda: audit.check(local, observation))
+    return record
+
+
+def _retag(plan: Plan, run: Callable[[], None]) -> None:
+    """Run an audit; its error names the launcher's plan fingerprint, not the rank's view."""
+    try:
+        run()
+    except AuditError as exc:
+        raise AuditError(exc.problems, plan.fingerprint) from None
 
 
 # ---- memory, as loaded
@@ -374,8 +279,7 @@ def make_loader_class() -> type:
 
         def load_model(self, *, model_config: Any, device_config: Any) -> nn.Module:
             model, self.plan = build_model(model_config, self.load_config, device_config)
-            self.record = load_weights(model, self.plan)
-            check(self.plan, model, self.record)
+            self.record = load_weights(model, self.plan)   # raises AuditError
             postprocess(model, torch.device(device_config.device))
             self.report = write_report(self.plan, model, self.record,
                                        settings_for(model_config, self.load_config))
@@ -427,33 +331,6 @@ def _check_device(quant_config: Any, model_config: Any) -> None:
                            fix="use --dtype bfloat16 or float16")
 
 
-def load_weights(model: nn.Module, plan: Plan) -> LoadRecord:
-    """Stream the planned tensors of this rank into SGLang's own load_weights, recording."""
-    from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
-
-    record = LoadRecord()
-    local = {name: set(local_experts(m)) for name, m in model.named_modules()
-             if isinstance(m, FusedMoE)}
-
-    def keep(module: str, expert: int | None) -> bool:
-        if expert is None:
-            return True
-        layer = module.rsplit(".experts.", 1)[0] + ".experts"
-        return layer not in local or expert in local[layer]
-
-    start = time.perf_counter()
-    with recording(model, record), torch.no_grad():
-        model.load_weights(planned_tensors(plan, record, keep))
-    record.seconds = time.perf_counter() - start
-    return record
-
-
-def check(plan: Plan, model: nn.Module, record: LoadRecord) -> None:
-    problems = audit(plan, model, record)
-    if problems:
-        raise AuditError(problems, plan.fingerprint)
-
-
 def postprocess(model: nn.Module, device: torch.device) -> None:
     """SGLang's own post-load step: repack for Marlin, requantize scales, etc."""
     from sglang.srt.model_loader.loader import DefaultModelLoader
@@ -477,9 +354,10 @@ def write_report(plan: Plan, model: nn.Module, record: LoadRecord,
 
 
 def _rank() -> dict[str, int]:
-    try:
-        from sglang.srt.distributed import get_tensor_model_parallel_rank
-        from sglang.srt.runtime_context import get_parallel
-        return {"tp": get_tensor_model_parallel_rank(), "dp": getattr(get_parallel(), "dp_rank", 0) or 0}
-    except Exception:   # noqa: BLE001
+    """This process's TP rank and DP replica (reports of a TP=4, DP=2 server do not collide)."""
+    from sglang.srt.distributed import parallel_state as ps
+    from sglang.srt.runtime_context import get_parallel
+
+    if not ps.model_parallel_is_initialized():
         return {"tp": 0, "dp": 0}
+    return {"tp": ps.get_tensor_model_parallel_rank(), "dp": int(get_parallel().dp_rank or 0)}

@@ -103,7 +103,9 @@ class MixloadConfig(QuantizationConfig):
         """From a `quantization_config: {quant_method: mixload, config: mix.yaml}` (a `mixload build`
         folder). The loader normally builds the config itself from the launch flags."""
         from .loader import plan_from_settings, settings_from_quant_config
-        settings = settings_from_quant_config(config)
+        # SGLang passes the model's hf_config along; its folder anchors a relative `mix:`.
+        folder = getattr(config.get("hf_config"), "_name_or_path", None)
+        settings = settings_from_quant_config(config, folder)
         return cls(plan_from_settings(settings), config.get("packed_modules_mapping"))
 
     @classmethod
@@ -165,6 +167,8 @@ class MixloadConfig(QuantizationConfig):
             raise MixloadError(f"SGLang's {DELEGATE_METHOD[type(fmt)]} config has no method for "
                                f"{type(layer).__name__} {prefix!r} ({fmt.label()})",
                                fix="use another source format for this module")
+        if kind == "moe" and isinstance(fmt, Gptq):
+            _fix_gptq_moe_params(method)
         return method
 
 
@@ -190,3 +194,47 @@ def _delegate(fmt: WeightFormat, packed: dict[str, list[str]]) -> QuantizationCo
     config = QUANTIZATION_METHODS[name].from_config(qc)
     config.packed_modules_mapping = packed
     return config
+
+
+def _fix_gptq_moe_params(method: QuantizeMethodBase) -> None:
+    """Two SGLang 0.5.21 GPTQ-Marlin MoE parameter shapes that lose checkpoint data, fixed right
+    after SGLang creates them (same method class and weight loader; no-ops where already right):
+
+    - w13_qzeros / w2_qzeros are created in the model dtype (bf16), so the packed int32 zero
+      points are rounded on copy. Marlin's symmetric GPTQ never reads them, but a load that
+      silently changes bits is not "the planned tensors": keep them int32, as stored.
+    - w2_scales / w2_qzeros are sized for the *full* intermediate size when act-order is off
+      (the condition is inverted from vLLM's and from the compressed-tensors MoE method of the
+      same release) while the loader writes only this rank's groups into the leading rows: at
+      MoE-TP > 1 the other rows stay uninitialized and the Marlin scale permutation sees the
+      wrong K. Size them to this rank's groups.
+    """
+    create = method.create_weights
+
+    def create_weights(layer: torch.nn.Module, num_experts: int, hidden_size: int,
+                       intermediate_size_per_partition: int, params_dtype: torch.dtype,
+                       **extra: Any) -> None:
+        create(layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
+               **extra)
+        cfg = method.quant_config
+        w2_groups = (intermediate_size_per_partition // cfg.group_size
+                     if cfg.group_size != -1 and not cfg.desc_act else None)
+        for name in ("w13_qzeros", "w2_qzeros", "w2_scales"):
+            old = getattr(layer, name)
+            shape = list(old.shape)
+            if name.startswith("w2") and w2_groups is not None:
+                shape[1] = w2_groups
+            dtype = torch.int32 if name.endswith("qzeros") else old.dtype
+            if shape != list(old.shape) or dtype != old.dtype:
+                _replace_param(layer, name, old, shape, dtype)
+
+    method.create_weights = create_weights   # type: ignore[method-assign]
+
+
+def _replace_param(layer: torch.nn.Module, name: str, old: torch.nn.Parameter,
+                   shape: list[int], dtype: torch.dtype) -> None:
+    new = torch.nn.Parameter(torch.empty(shape, dtype=dtype, device=old.device),
+                             requires_grad=False)
+    for attr, value in vars(old).items():   # weight_loader, quant_method, is_transposed, ...
+        setattr(new, attr, value)
+    layer.register_parameter(name, new)

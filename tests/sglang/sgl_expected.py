@@ -75,7 +75,71 @@ def mismatches(model: torch.nn.Module, plan: Plan) -> tuple[list[str], list[str]
             unbacked.append(name)
             continue
         checked += 1
-        want = want.to(p.dtype)   # what a copy into the engine's dtype gives (exact if same)
+        if _cast_loses_bits(want, p):
+            bad.append(f"{name} ({want.dtype} stored as {p.dtype})")
+            continue
+        want = want.to(p.dtype)   # float weights/scales: what a copy into the engine dtype gives
         if want.shape != p.shape or not torch.equal(bits(p.data), bits(want)):
             bad.append(name)
     return bad, unbacked, checked
+
+
+def _cast_loses_bits(want: torch.Tensor, param: torch.Tensor) -> bool:
+    """Packed ints (qweight, qzeros, g_idx) must keep their dtype: a cast would change bits."""
+    return want.dtype != param.dtype and not (want.dtype.is_floating_point
+                                              and param.dtype.is_floating_point)
+
+
+def rank_tensors(plan: Plan, ckpt: dict[str, torch.Tensor], tp_rank: int, tp: int,
+                 moe_tp_rank: int, moe_tp: int) -> dict[str, torch.Tensor]:
+    """The part of each planned tensor one rank holds: split along the dim the format says
+    tensor parallelism splits (attention / MLP over TP, experts over the MoE TP group)."""
+    out = {}
+    for a in plan.assignments:
+        m = a.module
+        rank, size = (moe_tp_rank, moe_tp) if m.kind == "experts" else (tp_rank, tp)
+        assert not m.heads or size <= m.heads, "KV-head replication is not modelled here"
+        for suffix, info in a.tensors.items():
+            t = ckpt[info.name]
+            if size == 1:
+                dim = None
+            elif m.parallel == "vocab":   # embedding / lm_head rows, one contiguous block each
+                dim = 0
+            else:
+                dim = a.format.shard_dim(suffix, m.parallel) if m.linear else None
+            out[info.name] = t.chunk(size, dim)[rank] if dim is not None else t
+    return out
+
+
+def rank_mismatches(model: torch.nn.Module, plan: Plan, tp_rank: int, tp: int, moe_tp_rank: int,
+                    moe_tp: int, experts: list[int]) -> tuple[list[str], list[str], int]:
+    """`mismatches` for one rank of a TP / EP group: its shards, its local experts."""
+    ckpt = rank_tensors(plan, planned_tensors(plan), tp_rank, tp, moe_tp_rank, moe_tp)
+    bad, unbacked, checked = [], [], 0
+    for name, p in model.named_parameters():
+        want = _expected_local(name, p, ckpt, experts)
+        if want is None:
+            unbacked.append(name)
+            continue
+        checked += 1
+        if _cast_loses_bits(want, p):
+            bad.append(f"{name} ({want.dtype} stored as {p.dtype})")
+            continue
+        want = want.to(p.dtype)
+        if want.shape != p.shape or not torch.equal(bits(p.data), bits(want)):
+            bad.append(name)
+    return bad, unbacked, checked
+
+
+def _expected_local(name: str, param: torch.Tensor, ckpt: dict[str, torch.Tensor],
+                    experts: list[int]) -> torch.Tensor | None:
+    m = re.match(r"(.*)\.experts\.(w13|w2)_(\w+)$", name)
+    if not m:
+        return expected(name, param, ckpt, 0)
+    per_expert = []
+    for e in experts:
+        parts = [ckpt.get(f"{m[1]}.experts.{e}.{p}.{m[3]}") for p in EXPERT[m[2]]]
+        if any(p is None for p in parts):
+            return None
+        per_expert.append(_join(param.shape[1:], parts))
+    return torch.stack(per_expert)

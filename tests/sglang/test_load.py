@@ -5,7 +5,7 @@ The pattern of every test is what SGLang's scheduler does with `--quantization m
     loader = get_model_loader(load_config, model_config)   -> the mixload loader
     model  = loader.load_model(...)                         -> build, stream, audit, post-process
 On CPU the Marlin/FP8 kernels can't run, so the int4 tests stop before post-processing:
-build_model -> load_weights -> check (the same three steps load_model runs first).
+build_model -> load_weights (stream + audit), the two steps load_model runs first.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from sglang.srt.configs.device_config import DeviceConfig
 from sglang.srt.configs.load_config import LoadConfig
 from sglang.srt.model_loader.loader import get_model_loader
 
-from mixload.adapters.sglang.loader import (AuditError, Settings, audit, build_model, check,
-                                            load_weights)
+from mixload.adapters.sglang.loader import Settings, build_model, load_weights
+from mixload.core.errors import AuditError
 from mixload.core.formats import Unquantized
 
 CPU = DeviceConfig("cpu")
@@ -66,17 +66,18 @@ def test_classic_moe_mix_bf16_attention_fp8_base_int4_experts(mixed, int4):
         "model.layers.0.mlp.gate": METHOD["bf16", "linear"],            # router stays unquantized
         "lm_head": "UnquantizedEmbeddingMethod"}
 
-    record = load_weights(model, plan)
-    check(plan, model, record)                                          # the audit passes
+    record = load_weights(model, plan)                                  # the audit passes
 
     bad, unbacked, checked = mismatches(model, plan)
     assert not bad and checked > 20
     # The only parameters no checkpoint tensor backs are Marlin's runtime permutations.
     assert {n.rsplit(".", 1)[1] for n in unbacked} <= {"w13_g_idx_sort_indices",
                                                        "w2_g_idx_sort_indices"}
-    # Exactly the planned tensors were read, each once, nothing else.
-    planned = {t.name: t.nbytes for a in plan.assignments for t in a.tensors.values()}
-    assert record.read == planned
+    # Exactly the planned tensors were read, each once, nothing else; each file opened once.
+    planned = [t for a in plan.assignments for t in a.tensors.values()]
+    assert record.stats.tensors == len(planned)
+    assert record.stats.bytes_read == sum(t.nbytes for t in planned)
+    assert record.stats.files_opened == len({t.file for t in planned})
 
 
 @pytest.mark.parametrize("attention, mlp", [("fp8", "gptq"), ("gptq", "awq"), ("awq", "fp8"),
@@ -92,7 +93,7 @@ def test_dense_qwen3_every_format_on_attention_and_mlp(mixed, attention, mlp):
     assert m["model.layers.0.mlp.down_proj"] == METHOD[mlp, "linear"]
     assert m["model.layers.1.mlp.gate_up_proj"] == METHOD["bf16", "linear"]
 
-    check(plan, model, load_weights(model, plan))
+    load_weights(model, plan)
     bad, unbacked, checked = mismatches(model, plan)
     assert not bad and not unbacked and checked == len(dict(model.named_parameters()))
 
@@ -102,7 +103,7 @@ def test_moe_experts_fp8_attention_gptq_bit_for_bit(mixed):
                                                      ("*.self_attn.*", "gptq")])
     assert methods(model)["model.layers.0.mlp.experts"] == "Fp8MoEMethod"
     assert methods(model)["model.layers.0.self_attn.qkv_proj"] == "GPTQMarlinLinearMethod"
-    check(plan, model, load_weights(model, plan))
+    load_weights(model, plan)
     bad, unbacked, _ = mismatches(model, plan)
     assert not bad and not unbacked
 
@@ -162,43 +163,51 @@ mixed_precision:
     m = methods(model)
     assert m["model.layers.0.self_attn.qkv_proj"] == "UnquantizedLinearMethod"
     assert m["model.layers.0.mlp.experts"] == "Fp8MoEMethod"
-    check(plan, model, load_weights(model, plan))
+    load_weights(model, plan)
     assert not mismatches(model, plan)[0]
 
 
 # ---- the audit is the guarantee: SGLang would load each of these silently
 
+def audit_problems(model, plan) -> list[tuple[str, str]]:
+    """(what, tensor) of every problem the load's audit raises."""
+    with pytest.raises(AuditError) as err:
+        load_weights(model, plan)
+    return [(p.what, p.tensor) for p in err.value.problems]
+
+
 def test_audit_catches_a_parameter_the_plan_never_fills(mixed):
     _, _, model, plan = mixed("qwen3-moe", "fp8", [])
-    experts = [a for a in plan.assignments if a.module.name == "model.layers.1.mlp.experts.5.up_proj"]
-    del experts[0].tensors["weight_scale_inv"]          # a broken plan: one scale missing
-    problems = audit(plan, model, load_weights(model, plan))
-    assert problems == ["parameter model.layers.1.mlp.experts.w13_weight_scale_inv was never "
-                        "filled: ('w3', 5)"]
+    up = plan.by_name()["model.layers.1.mlp.experts.5.up_proj"]
+    del up.tensors["weight_scale_inv"]          # a broken plan: one expert's scale missing
+    (what, tensor), = audit_problems(model, plan)
+    assert what.startswith("parameter model.layers.1.mlp.experts.w13_weight_scale_inv was not "
+                           "filled: 6% of it was never written")   # 1 of 8 experts x 2 shards
+    assert tensor == "model.layers.1.mlp.experts.5.up_proj.weight_scale_inv"
 
 
 def test_audit_catches_a_tensor_sglang_ignores(mixed, family):
-    _, _, model, plan = mixed("qwen3-moe", "bf16", [])
     from mixload.core.sources import open_source
+
+    _, _, model, plan = mixed("qwen3-moe", "bf16", [])
     fp8 = open_source("fp8", family["qwen3-moe"]["fp8"])
     q = plan.by_name()["model.layers.0.self_attn.q_proj"]
     # A bf16 module that also streams an FP8 scale: Qwen3's load_weights drops the unknown name.
-    q.tensors["weight_scale_inv"] = fp8.tensors["model.layers.0.self_attn.q_proj.weight_scale_inv"]
-    with pytest.raises(AuditError) as err:
-        check(plan, model, load_weights(model, plan))
-    assert err.value.problems == [
-        "tensor model.layers.0.self_attn.q_proj.weight_scale_inv was streamed but SGLang's "
-        "load_weights ignored it (no parameter took it)"]
+    name = "model.layers.0.self_attn.q_proj.weight_scale_inv"
+    q.tensors["weight_scale_inv"] = fp8.tensors[name]
+    (what, tensor), = audit_problems(model, plan)
+    assert what.startswith("planned tensor was not written into any parameter of layer "
+                           "model.layers.0.self_attn.qkv_proj") and tensor == name
 
 
 def test_audit_catches_layers_whose_method_is_not_the_planned_one(mixed):
-    """A model built for one plan, audited against another (fp8 experts vs gptq experts)."""
-    _, _, model, _ = mixed("qwen3-moe", "fp8", [])
+    """A model built for one plan, audited against another (fp8 experts vs gptq experts):
+    refused before a byte is read."""
+    mc, _, model, _ = mixed("qwen3-moe", "fp8", [])
     _, _, _, other = mixed("qwen3-moe", "fp8", [("*.mlp.experts.*", "gptq")])
-    problems = [p for p in audit(other, model, load_weights(model, other))
-                if p.startswith("layer ")]
-    assert problems == [f"layer model.layers.{i}.mlp.experts: plan says gptq-int4-g128, SGLang "
-                        "runs Fp8MoEMethod (expected GPTQMarlinMoEMethod)" for i in (0, 1)]
+    assert audit_problems(model, other) == [
+        ("layer runs fp8, but the plan says gptq-int4-g128 from source 'gptq'",
+         f"model.layers.{i}.mlp.experts") for i in range(mc.hf_config.num_hidden_layers)]
 
 
 def test_unquantized_everywhere_the_plan_says_so(mixed):
@@ -206,5 +215,24 @@ def test_unquantized_everywhere_the_plan_says_so(mixed):
     assert all(isinstance(a.format, Unquantized) for a in plan.assignments)
     assert set(methods(model).values()) == {"UnquantizedEmbeddingMethod", "UnquantizedLinearMethod",
                                             "UnquantizedFusedMoEMethod"}
-    check(plan, model, load_weights(model, plan))
+    load_weights(model, plan)
     assert not mismatches(model, plan)[0]
+
+
+def test_a_mixload_build_folder_is_served_without_any_flag(family, model_config, tmp_path):
+    """`mixload build mix.yaml -o DIR; sglang serve --model-path DIR`: config.json says
+    quant_method mixload, SGLang picks the method and the loader from it, nothing else given."""
+    from mixload.core.build import build
+
+    moe = family["qwen3-moe"]
+    mix = write_mix(tmp_path / "mix.yaml", {"fp8": moe["fp8"], "bf16": moe["bf16"]}, "fp8",
+                    [("*.self_attn.*", "bf16")])
+    folder = build(mix, tmp_path / "built")
+    mc = model_config(folder, quantization=None)
+    assert mc.quantization == "mixload"                    # detected from config.json
+    loader = get_model_loader(LoadConfig(), mc)
+    model = loader.load_model(model_config=mc, device_config=CPU)
+    assert loader.plan.fingerprint == json.loads((folder / "config.json").read_text())[
+        "quantization_config"]["fingerprint"]
+    assert methods(model)["model.layers.0.mlp.experts"] == "Fp8MoEMethod"
+    assert methods(model)["model.layers.0.self_attn.qkv_proj"] == "UnquantizedLinearMethod"
