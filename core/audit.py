@@ -25,9 +25,9 @@ from .plan import Assignment, Plan
 #: kinds of module an engine runs through a quant method (norms and embeddings have none)
 QUANTIZABLE = frozenset({"attention", "mlp", "experts", "router"})
 _SENTINEL_BYTE = 0xA5
-# A word of random packed ints equals the 32-bit sentinel with probability 2**-32; an unwritten
-# region is the sentinel everywhere. Counting only well above chance keeps real data from
-# tripping the check, and the smallest unwritten piece (one group row of one shard) above it.
+# Integers have no spare value: a word of packed int4 data equals the 32-bit sentinel with
+# probability 2**-32. Flagging only counts 4096x above that keeps real data from tripping the
+# check, while any unwritten piece (at least one group row of one shard) is far above it.
 _CHANCE = 2.0**-20
 _DTYPE_NAMES = {torch_dtype(n): n for n in ("F32", "BF16", "F16", "F8_E4M3", "I32", "I64")}
 

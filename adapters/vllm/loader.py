@@ -25,7 +25,8 @@ from mixload.core.stream import Consumption, ReadStats, planned_bytes, stream
 from .compat import is_engine_initialized, method_format
 from .quant_config import MixloadConfig
 
-logger = logging.getLogger(__name__)
+# Under vLLM's logger, whose handler prints INFO: the load report shows in vLLM's own log.
+logger = logging.getLogger("vllm.mixload")
 LOAD_FORMAT = "mixed"
 
 
@@ -79,25 +80,26 @@ def load_planned(model: nn.Module, plan: Plan) -> LoadReport:
     planned = {t.name: (a, suffix) for a in plan.assignments for suffix, t in a.tensors.items()}
     redundant: set[str] = set()
     tracker = Consumption(params)
-    last = [""]   # the tensor being loaded, for the message if vLLM refuses it
+    current = ""   # the tensor being loaded, for the message if vLLM refuses it
 
     def weights():   # noqa: ANN202 - a generator of (name, tensor)
+        nonlocal current
         for name, tensor in tracker.watch(stream(plan, stats)):
             if audit.redundant(*planned[name], tensor):
                 redundant.add(name)
-            last[0] = name
+            current = name
             yield name, tensor
 
     with torch.no_grad(), tracker:
         try:
             model.load_weights(weights())
         except (ValueError, KeyError, AssertionError, RuntimeError, IndexError) as exc:
-            if not last[0]:
+            if not current:
                 raise
-            a, suffix = planned[last[0]]
+            a, suffix = planned[current]
             raise MixloadError(
                 f"vLLM could not load this tensor into layer {a.module.group}: "
-                f"{type(exc).__name__}: {exc}", file=a.tensors[suffix].file, tensor=last[0],
+                f"{type(exc).__name__}: {exc}", file=a.tensors[suffix].file, tensor=current,
                 rule=a.origin, fix="the layer vLLM built does not match the plan; "
                                    "run `mixload check` on the YAML") from exc
     audit.check(plan, audit.Observation(
@@ -106,12 +108,12 @@ def load_planned(model: nn.Module, plan: Plan) -> LoadReport:
         redundant=redundant,
         unfilled=audit.unfilled(params),
         dtypes={n: audit.dtype_name(p.dtype) for n, p in params.items()}))
+    dropped = [planned[n] for n in redundant if not tracker.consumed.get(n)]
     return LoadReport(
         fingerprint=plan.fingerprint, planned_bytes=planned_bytes(plan),
         read_bytes=stats.bytes_read,
         param_bytes=sum(p.numel() * p.element_size() for p in params.values()),
-        redundant_bytes=sum(planned[n][0].tensors[planned[n][1]].nbytes for n in redundant
-                            if not tracker.consumed.get(n)),
+        redundant_bytes=sum(a.tensors[suffix].nbytes for a, suffix in dropped),
         tensors=stats.tensors, files_opened=stats.files_opened, by_file=stats.by_file)
 
 
