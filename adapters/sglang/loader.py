@@ -333,8 +333,16 @@ def _check_device(quant_config: Any, model_config: Any) -> None:
 
 def postprocess(model: nn.Module, device: torch.device) -> None:
     """SGLang's own post-load step: repack for Marlin, requantize scales, etc."""
-    from sglang.srt.model_loader.loader import DefaultModelLoader
-    DefaultModelLoader.postprocess_weights(model, device)
+    from sglang.srt.model_loader import loader as sgl
+
+    if hasattr(sgl.DefaultModelLoader, "postprocess_weights"):   # 0.5.21
+        sgl.DefaultModelLoader.postprocess_weights(model, device)
+        return
+    for module in model.modules():   # 0.5.16/0.5.17: the same loop, inside load_weights_and_postprocess
+        method = getattr(module, "quant_method", None)
+        if method is not None:
+            with sgl.device_loading_context(module, device):
+                method.process_weights_after_loading(module)
 
 
 def write_report(plan: Plan, model: nn.Module, record: LoadRecord,
@@ -344,6 +352,8 @@ def write_report(plan: Plan, model: nn.Module, record: LoadRecord,
     from .report import load_report, log_block
     rank = _rank()
     report = load_report(plan, measured_memory(model), record, rank)
+    report["methods"] = {n: type(m.quant_method).__name__ for n, m in model.named_modules()
+                         if getattr(m, "quant_method", None) is not None}
     logger.info("%s", log_block(report))
     folder = (settings.report_dir if settings else None) or os.environ.get(ENV_REPORT_DIR)
     if folder:
@@ -360,4 +370,5 @@ def _rank() -> dict[str, int]:
 
     if not ps.model_parallel_is_initialized():
         return {"tp": 0, "dp": 0}
-    return {"tp": ps.get_tensor_model_parallel_rank(), "dp": int(get_parallel().dp_rank or 0)}
+    dp = getattr(get_parallel(), "dp_rank", None)   # not in 0.5.17's ParallelContext
+    return {"tp": ps.get_tensor_model_parallel_rank(), "dp": int(dp or 0)}

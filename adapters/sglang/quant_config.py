@@ -197,8 +197,14 @@ def _delegate(fmt: WeightFormat, packed: dict[str, list[str]]) -> QuantizationCo
 
 
 def _fix_gptq_moe_params(method: QuantizeMethodBase) -> None:
-    """Two SGLang 0.5.21 GPTQ-Marlin MoE parameter shapes that lose checkpoint data, fixed right
-    after SGLang creates them (same method class and weight loader; no-ops where already right):
+    """Three SGLang 0.5.17-0.5.21 GPTQ-Marlin MoE parameters that lose or break checkpoint data,
+    remade right after SGLang creates them (same method class, same weight loader; no-ops where
+    already right), as vLLM creates them:
+
+    - w13_scales / w2_scales are created fp16 whatever the model dtype, and the Marlin MoE kernel
+      asserts activations and scales share a dtype: a BF16 model with GPTQ experts (the classic
+      mix) fails at its first forward (measured on H100, SGLang 0.5.17). Create them in the
+      model dtype; the fp16 checkpoint scales are cast on copy, as for every float tensor.
 
     - w13_qzeros / w2_qzeros are created in the model dtype (bf16), so the packed int32 zero
       points are rounded on copy. Marlin's symmetric GPTQ never reads them, but a load that
@@ -219,12 +225,12 @@ def _fix_gptq_moe_params(method: QuantizeMethodBase) -> None:
         cfg = method.quant_config
         w2_groups = (intermediate_size_per_partition // cfg.group_size
                      if cfg.group_size != -1 and not cfg.desc_act else None)
-        for name in ("w13_qzeros", "w2_qzeros", "w2_scales"):
+        for name in ("w13_qzeros", "w2_qzeros", "w13_scales", "w2_scales"):
             old = getattr(layer, name)
             shape = list(old.shape)
             if name.startswith("w2") and w2_groups is not None:
                 shape[1] = w2_groups
-            dtype = torch.int32 if name.endswith("qzeros") else old.dtype
+            dtype = torch.int32 if name.endswith("qzeros") else params_dtype
             if shape != list(old.shape) or dtype != old.dtype:
                 _replace_param(layer, name, old, shape, dtype)
 
