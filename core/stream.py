@@ -5,6 +5,7 @@ Backend-neutral: an adapter feeds `stream(plan)` to its model's own weight loadi
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from .plan import Plan
+from .plan import Assignment, Plan
 from .sources import TensorInfo
 
 Tensor = torch.Tensor
@@ -38,6 +39,19 @@ def planned_tensors(plan: Plan) -> dict[Path, list[TensorInfo]]:
         for t in a.tensors.values():
             by_file[t.file].append(t)
     return {f: sorted(ts, key=lambda t: t.begin) for f, ts in by_file.items()}
+
+
+def local_plan(plan: Plan, experts: Mapping[str, set[int]]) -> Plan:
+    """The part of a plan one expert-parallel rank loads: of each MoE layer named in `experts`
+    (layer -> the experts this rank holds) only those experts, so the rest is never read."""
+    def held(a: Assignment) -> bool:
+        local = experts.get(a.module.group)
+        return a.module.expert is None or local is None or a.module.expert in local
+
+    rows = [a for a in plan.assignments if held(a)]
+    if len(rows) == len(plan.assignments):
+        return plan
+    return dataclasses.replace(plan, assignments=rows)
 
 
 def planned_bytes(plan: Plan) -> int:

@@ -40,3 +40,10 @@ def method_format(method: Any) -> str:
 
 def is_engine_initialized(param_name: str) -> bool:
     return param_name.endswith(ENGINE_INITIALIZED_SUFFIXES)
+
+
+def local_experts(layer: Any) -> set[int]:
+    """The global ids of the experts a RoutedExperts layer holds on this rank (all of them
+    without expert parallelism). Both versions map ids with this (private) method; -1 = not here."""
+    return {e for e in range(layer.global_num_experts)
+            if layer._map_global_expert_id_to_local_expert_id(e) != -1}

@@ -20,9 +20,9 @@ from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from mixload.core import audit
 from mixload.core.errors import MixloadError
 from mixload.core.plan import Plan
-from mixload.core.stream import Consumption, ReadStats, planned_bytes, stream
+from mixload.core.stream import Consumption, ReadStats, local_plan, planned_bytes, stream
 
-from .compat import is_engine_initialized, method_format
+from .compat import is_engine_initialized, local_experts, method_format
 from .quant_config import MixloadConfig
 
 # Under vLLM's logger, whose handler prints INFO: the load report shows in vLLM's own log.
@@ -35,7 +35,7 @@ class LoadReport:
     """What one load did, kept on the model as `model.mixload_report` (plain data: picklable)."""
 
     fingerprint: str
-    planned_bytes: int       # every planned tensor
+    planned_bytes: int       # every planned tensor this rank holds
     read_bytes: int          # tensor bytes read from the checkpoints
     param_bytes: int         # the model's parameters after loading, before any repacking
     redundant_bytes: int     # planned tensors the engine had no use for (see audit.redundant)
@@ -71,7 +71,10 @@ class MixedModelLoader(BaseModelLoader):
 
 
 def load_planned(model: nn.Module, plan: Plan) -> LoadReport:
-    """Stream the plan into a freshly built vLLM model and audit it; raises AuditError."""
+    """Stream the plan (this rank's experts only) into a freshly built vLLM model and audit
+    it; raises AuditError."""
+    fingerprint = plan.fingerprint   # the folder's, not that of this rank's share
+    plan = local_plan(plan, held_experts(model))
     methods = observed_methods(model)
     audit.check_methods(plan, methods)   # before a byte is read
     params = {n: p for n, p in layer_params(model).items() if not is_engine_initialized(n)}
@@ -110,7 +113,7 @@ def load_planned(model: nn.Module, plan: Plan) -> LoadReport:
         dtypes={n: audit.dtype_name(p.dtype) for n, p in params.items()}))
     dropped = [planned[n] for n in redundant if not tracker.consumed.get(n)]
     return LoadReport(
-        fingerprint=plan.fingerprint, planned_bytes=planned_bytes(plan),
+        fingerprint=fingerprint, planned_bytes=planned_bytes(plan),
         read_bytes=stats.bytes_read,
         param_bytes=sum(p.numel() * p.element_size() for p in params.values()),
         redundant_bytes=sum(a.tensors[suffix].nbytes for a, suffix in dropped),
@@ -126,6 +129,13 @@ def observed_methods(model: nn.Module) -> dict[str, str]:
     """Engine layer name (as its quant method was asked for) -> the format its method runs."""
     return {name: method_format(module.quant_method)
             for module in model.modules() if (name := _layer_name(module)) is not None}
+
+
+def held_experts(model: nn.Module) -> dict[str, set[int]]:
+    """MoE layer -> the experts this rank holds (expert parallelism splits them)."""
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
+
+    return {m.layer_name: local_experts(m) for m in model.modules() if isinstance(m, RoutedExperts)}
 
 
 def layer_params(model: nn.Module) -> dict[str, torch.Tensor]:

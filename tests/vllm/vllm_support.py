@@ -116,12 +116,12 @@ def fresh_model(config: Any) -> torch.nn.Module:
         return initialize_model(vllm_config=config)
 
 
-def start(folder: Path) -> Any:
+def start(folder: Path, **engine_args: Any) -> Any:
     """`LLM(folder, load_format="mixed")`: the way a user serves a built folder."""
     from vllm import LLM
 
     return LLM(str(folder), load_format="mixed", dtype=ENGINE_DTYPE, enforce_eager=True,
-               max_model_len=MAX_MODEL_LEN, skip_tokenizer_init=True, seed=0)
+               max_model_len=MAX_MODEL_LEN, skip_tokenizer_init=True, seed=0, **engine_args)
 
 
 def stop(llm: Any) -> None:
