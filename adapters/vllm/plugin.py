@@ -1,8 +1,9 @@
 """vLLM plugin entry point (`vllm.general_plugins`) and mixload's adapter hooks.
 
 vLLM calls `register()` once in every process it starts (front end, engine core, workers), so it
-is cheap and idempotent, and this module imports without vLLM installed: vLLM is imported only
-inside `register()`.
+is idempotent and cheap (its imports are the modules vLLM imports anyway to load a quantized
+model; measured 0.05 s of its own), and this module imports without vLLM installed: vLLM is
+imported only inside `register()`.
 """
 from __future__ import annotations
 
