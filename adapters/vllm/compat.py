@@ -11,8 +11,8 @@ from typing import Any
 
 #: vLLM's method classes -> the mixload format each runs. The engine decides by class NAME in
 #: places (weight_loader_v2, v0.26's intermediate_size_full for AutoGPTQMoEMethod), so the
-#: adapter returns these exact classes and checks names, never subclasses. Same names in both
-#: versions; AutoAWQMarlinLinearMethod is what AWQ linears get on CPU, and on CUDA when Marlin fits.
+#: adapter returns these exact classes and checks names, never subclasses. AWQ linears get
+#: AutoAWQMarlinLinearMethod on CPU, and on CUDA when Marlin fits the layer.
 METHOD_FORMATS: dict[str, str] = {
     "UnquantizedLinearMethod": "unquantized",
     "UnquantizedFusedMoEMethod": "unquantized",
@@ -23,6 +23,7 @@ METHOD_FORMATS: dict[str, str] = {
     "AutoAWQLinearMethod": "awq",
     "AutoAWQMarlinLinearMethod": "awq",
     "AutoAWQMoEMethod": "awq",
+    "AutoAWQXPULinearMethod": "awq",   # 0.26 on Intel XPU; removed in 0.30
 }
 
 #: Parameters the engine fills itself and no checkpoint does: 0.30's int4 MoE methods add zero
