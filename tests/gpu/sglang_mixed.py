@@ -37,14 +37,18 @@ TINY = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, head_di
 TINY_MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=256,
                 decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True)
 
-# Every SGLang method mixload delegates to, across two engines (AWQ needs a Marlin repack
-# kernel the prebuilt JIT cache lacks: a 5+ min nvcc build, left out).
+# Every SGLang method mixload delegates to ("moe" and "dense" by default; "awq" on request).
 MIXES = {
     "moe": ("qwen3-moe", "bf16", [
         ("model.layers.0.self_attn.*", "fp8"),        # Fp8LinearMethod (block)
         ("model.layers.0.mlp.experts.*", "gptq"),     # GPTQMarlinMoEMethod
         ("model.layers.1.mlp.experts.*", "fp8"),      # Fp8MoEMethod
     ]),                                               # layer 1 attention: UnquantizedLinearMethod
+    # AWQ-Marlin: its repack kernels are not in the prebuilt JIT cache (nvcc at first use).
+    "awq": ("qwen3-moe", "bf16", [
+        ("model.layers.0.self_attn.*", "awq"),        # AWQLinearMethod + AWQMarlinLinearScheme
+        ("model.layers.*.mlp.experts.*", "awq"),      # AWQMoEMethod (Marlin MoE)
+    ]),
     "dense": ("qwen3", "bf16", [
         ("model.layers.0.self_attn.*", "gptq"),       # GPTQMarlinLinearMethod
         ("model.layers.0.mlp.*", "fp8"),              # Fp8LinearMethod
@@ -84,7 +88,7 @@ def make_checkpoints(root: Path, arch: str) -> dict[str, Path]:
         if "num_local_experts" in c:
             c["num_experts"] = c.pop("num_local_experts")
         (out["bf16"] / "config.json").write_text(json.dumps(c, indent=2))
-    for key, to in (("fp8", "fp8"), ("gptq", "gptq-int4")):
+    for key, to in (("fp8", "fp8"), ("gptq", "gptq-int4"), ("awq", "awq-int4")):
         out[key] = root / f"{arch}-{key}"
         if not (out[key] / "config.json").exists():
             convert(out["bf16"], out[key], to)
@@ -199,7 +203,7 @@ def main() -> int:
     ap.add_argument("--child", nargs=3)
     ap.add_argument("--root", default="/tmp/mixload-gpu")
     ap.add_argument("--out", default=".")
-    ap.add_argument("--only", nargs="*", default=list(MIXES))
+    ap.add_argument("--only", nargs="*", default=["moe", "dense"])
     ap.add_argument("--timeout", type=float, default=300)
     a = ap.parse_args()
     if a.child:
