@@ -1,4 +1,4 @@
-"""mixload plan | check | explain | convert | schema — bad input exits 2 with a message, never a traceback."""
+"""mixload plan | check | explain | build | serve | convert | schema — bad input exits 2 with a message, never a traceback."""
 from __future__ import annotations
 
 import argparse
@@ -6,6 +6,7 @@ import json
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 from . import config as config_mod
 from .config import NormalizedRule
@@ -61,6 +62,24 @@ def cmd_convert(args: argparse.Namespace, out: Console) -> int:
     return 0
 
 
+def cmd_build(args: argparse.Namespace, out: Console) -> int:
+    from .build import build
+    folder = build(args.config, args.output, overwrite=args.overwrite)
+    out.print(f"wrote {folder}: serve it with `vllm serve {folder} --load-format mixed` "
+              f"or LLM({str(folder)!r}, load_format=\"mixed\")")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace, out: Console) -> int:
+    from .hooks import plugin_manager
+    rc = plugin_manager().hook.mixload_serve(backend=args.backend, argv=args.engine_args)
+    if rc is None:
+        raise ConfigError(f"no installed adapter serves {args.backend!r}",
+                          fix='install it: pip install "mixload[sglang]" (vLLM: `vllm serve '
+                              'FOLDER --load-format mixed` on a `mixload build` folder)')
+    return rc
+
+
 def cmd_schema(args: argparse.Namespace, out: Console) -> int:
     sys.stdout.write(config_mod.json_schema() + "\n")
     return 0
@@ -83,6 +102,15 @@ def parser() -> argparse.ArgumentParser:
     with_config("explain", "which rule, source, tensors and bytes a module gets").add_argument(
         "name", help="module or tensor name, glob, or re:regex")
     sub.add_parser("schema", help="JSON Schema of the mix YAML, for editors")
+    b = sub.add_parser("build", help="a model folder the engines open: config (quant_method: "
+                                     "mixload), plan, tokenizer; no weight copies")
+    b.add_argument("config", help="mix YAML")
+    b.add_argument("-o", "--output", required=True, help="output folder")
+    b.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    serve = sub.add_parser("serve", help="start an engine with mixload (e.g. mixload serve sglang "
+                                         "--enable-mixed-precision --mixed-precision-config mix.yaml ...)")
+    serve.add_argument("backend", help="sglang")
+    serve.add_argument("engine_args", nargs=argparse.REMAINDER, help="the engine's own flags")
     conv = sub.add_parser("convert", help="quantize a BF16/FP16 checkpoint into a format the "
                                           "engines load natively (no plugin)")
     conv.add_argument("src", help="BF16/FP16 safetensors checkpoint folder")
@@ -96,7 +124,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"plan": cmd_plan, "check": cmd_check, "explain": cmd_explain, "schema": cmd_schema,
-            "convert": cmd_convert}
+            "convert": cmd_convert, "build": cmd_build, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args, out)
     except MixloadError as exc:
-        err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         return 2
     except KeyboardInterrupt:
         err.print("interrupted")

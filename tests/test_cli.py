@@ -92,3 +92,16 @@ def test_convert_then_plan_the_result(small_moe: dict[str, Path], tmp_path: Path
                                            "rules": [{"match": "*.mlp.experts.*", "use": "awq"}]})
     r = mixload("plan", mix)
     assert r.returncode == 0 and "awq-int4-g128 (awq)" in r.stdout
+
+
+def test_build_writes_the_folder_an_engine_opens(mix: Path, tmp_path: Path) -> None:
+    r = mixload("build", mix, "-o", tmp_path / "served")
+    assert r.returncode == 0, r.stderr
+    config = json.loads((tmp_path / "served" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "mixload"
+    assert mixload("build", mix, "-o", tmp_path / "served").returncode == 2   # no silent overwrite
+
+
+def test_serve_names_the_missing_adapter() -> None:
+    r = mixload("serve", "tgi", "--port", "1")
+    assert r.returncode == 2 and 'pip install "mixload[sglang]"' in r.stderr
