@@ -22,7 +22,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,7 @@ from mixload.core import audit
 from mixload.core.config import load as load_mix
 from mixload.core.errors import AuditError, MixloadError
 from mixload.core.plan import Plan, build_plan
-from mixload.core.stream import Consumption, ReadStats, stream
+from mixload.core.stream import Consumption, ReadStats, local_plan, stream
 
 logger = logging.getLogger(__name__)
 
@@ -168,20 +168,15 @@ def local_experts(layer: nn.Module) -> list[int]:
 
 
 def rank_plan(plan: Plan, model: nn.Module) -> tuple[Plan, set[str]]:
-    """The part of the plan this rank loads: under expert parallelism, only its own experts
-    (the others are never read). Returns the view and the tensors left out."""
+    """The part of the plan this rank loads (core.stream.local_plan): under expert parallelism
+    only its own experts, so the others are never read. Returns the view and what it leaves out."""
     from sglang.srt.layers.moe.fused_moe_triton import FusedMoE
 
-    local = {name: set(local_experts(m)) for name, m in model.named_modules()
-             if isinstance(m, FusedMoE)}
-    keep, skipped = [], set()
-    for a in plan.assignments:
-        m = a.module
-        if m.expert is not None and m.group in local and m.expert not in local[m.group]:
-            skipped.update(t.name for t in a.tensors.values())
-        else:
-            keep.append(a)
-    return (plan if not skipped else replace(plan, assignments=keep)), skipped
+    experts = {name: set(local_experts(m)) for name, m in model.named_modules()
+               if isinstance(m, FusedMoE)}
+    local = local_plan(plan, experts)
+    kept = {t.name for a in local.assignments for t in a.tensors.values()}
+    return local, {t.name for a in plan.assignments for t in a.tensors.values()} - kept
 
 
 def layer_params(model: nn.Module) -> dict[str, torch.Tensor]:
