@@ -29,7 +29,7 @@ from mixload.core.config import load as load_mix
 from mixload.core.errors import MixloadError
 from mixload.core.plan import Plan, build_plan
 
-from .loader import EXTRA_KEY, Settings
+from .loader import Settings
 from .plugin import NAME
 
 ROUTE = "/mixload"

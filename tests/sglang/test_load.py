@@ -10,10 +10,8 @@ build_model -> load_weights (stream + audit), the two steps load_model runs firs
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
 from sgl_fixtures import write_mix
 from sgl_expected import mismatches
 from sglang.srt.configs.device_config import DeviceConfig
