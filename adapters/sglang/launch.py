@@ -58,18 +58,20 @@ class Launch:
 
 def build(argv: list[str]) -> Launch:
     """Seed flags + SGLang flags -> the ServerArgs SGLang gets (and the plan)."""
+    seed, rest = seed_parser().parse_known_args(argv)
+    # The seed flags are checked before SGLang is imported (seconds, and it may not import).
+    if seed.mixed_precision_config and not seed.enable_mixed_precision:
+        raise MixloadError("--mixed-precision-config was given without --enable-mixed-precision",
+                           fix="add --enable-mixed-precision")
+    if seed.enable_mixed_precision and not seed.mixed_precision_config:
+        raise MixloadError("--enable-mixed-precision needs --mixed-precision-config <yaml>")
+
     from .plugin import register
     register()   # --quantization mixload must be a valid choice before SGLang parses
     from sglang.srt.server_args import prepare_server_args
 
-    seed, rest = seed_parser().parse_known_args(argv)
     if not seed.enable_mixed_precision:
-        if seed.mixed_precision_config:
-            raise MixloadError("--mixed-precision-config was given without "
-                               "--enable-mixed-precision", fix="add --enable-mixed-precision")
         return Launch(rest, prepare_server_args(rest), None, None)
-    if not seed.mixed_precision_config:
-        raise MixloadError("--enable-mixed-precision needs --mixed-precision-config <yaml>")
 
     mix_path = str(Path(seed.mixed_precision_config).resolve())
     # SGLang's own parse gives TP/EP (flag spellings and defaults are its business).
@@ -188,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
         launch = build(argv)
     except MixloadError as exc:
         print(f"error: {exc.render()}", file=sys.stderr)
+        return 2
+    except ImportError as exc:   # SGLang missing or broken in this environment
+        print(f"error: SGLang could not be imported: {exc}\n  fix: install it "
+              '(pip install "mixload[sglang]") in this environment', file=sys.stderr)
         return 2
     from sglang.launch_server import run_server
     from sglang.srt.plugins import load_plugins
