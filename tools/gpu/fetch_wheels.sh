@@ -24,6 +24,9 @@ WHEELS=(
   compressed-tensors==0.17.0 loguru==0.7.3
   # optional: not imported by plain generate, tiny, were present in the tested run
   setproctitle==1.3.8 lm-format-enforcer==0.11.3 interegular==0.3.3
+  # mixload itself (plus a mixload wheel built here, so the entry points are installed)
+  pluggy==1.7.0 rich==15.0.0 markdown-it-py==4.3.0 mdurl==0.1.2 pygments==2.21.0 tqdm==4.70.1
+  orjson==3.13.0
 )
 PLAT=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
       --platform manylinux_2_26_x86_64 --platform manylinux_2_24_x86_64

@@ -26,6 +26,11 @@ WHEELS=(
   # on PyPI)
   transformers==5.12.1 tokenizers==0.22.2
   interegular==0.3.3                  # optional (grammar backends); tiny
+  # the HTTP server (launch_server), beyond what the Engine API imports
+  jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0
+  rpds-py==2026.9.1 attrs==26.1.0 soundfile==0.14.0 cffi==2.1.1 pycparser==3.12
+  # mixload itself (plus a mixload wheel built here, so the entry points are installed)
+  pluggy==1.7.0 rich==15.0.0 markdown-it-py==4.3.0 mdurl==0.1.2 pygments==2.21.0 tqdm==4.70.1
 )
 PLAT=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
       --platform manylinux_2_26_x86_64 --platform manylinux_2_24_x86_64
