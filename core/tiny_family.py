@@ -1,0 +1,262 @@
+"""The tiny model family's BF16 members: real, small, meaningful models made locally.
+
+Tests and demos need checkpoints that load in transformers, vLLM and SGLang and whose greedy text
+means something, without any download. So we train them here, deterministically, from the Python
+docs that ship with the stdlib (`pydoc_data`): a 1024-token byte-level BPE and two 4-layer models
+(Qwen3 dense and Qwen3-MoE) whose every linear dimension is a multiple of 128, so that FP8 block
+128 and GPTQ/AWQ group 128 fit even at TP=2.
+
+    path = ensure("qwen3-moe")        # <cache>/tiny/<hash12>/qwen3-moe-bf16, built on first use
+    perplexity(path, corpus()[1])      # held-out quality
+
+Folders are keyed by a hash of this file's source and the hyperparameters below, and appear
+atomically (built in a temporary sibling, then renamed), so a crashed or racing build never
+leaves a half folder that looks complete.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedModel
+
+EOS = "<|endoftext|>"
+VOCAB = 1024
+HELD_OUT = 0.05  # the tail of the corpus, cut at a line break
+
+# Shared by both architectures: head_dim 128 makes k/v out 2*128 = 256, i.e. 128 per rank at
+# TP=2, so every linear dim (256, 512, 1024) is a multiple of the 128 block/group sizes.
+ATTENTION = dict(vocab_size=VOCAB, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=128, max_position_embeddings=512,
+                 tie_word_embeddings=False, rope_theta=10000.0)
+
+ARCHS: dict[str, dict[str, Any]] = {
+    "qwen3": dict(ATTENTION, architectures=["Qwen3ForCausalLM"], intermediate_size=512),
+    "qwen3-moe": dict(ATTENTION, architectures=["Qwen3MoeForCausalLM"],
+                      # intermediate_size is unused (no dense layers) but config.json shows it:
+                      # keep it a multiple of 128 too instead of the class default 6144.
+                      intermediate_size=512, moe_intermediate_size=256, num_experts=8,
+                      num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
+                      mlp_only_layers=[],
+                      # Training only: 10x the published load-balancing weight, so that every
+                      # expert gets tokens (with 0.001 some experts of a layer were never routed).
+                      router_aux_loss_coef=0.01),
+}
+
+# Chosen by measurement on 2 idle CPU cores (bf16 autocast): ~85 s to build both. Batch 4 beat
+# batch 8 at equal tokens and batch 2 at equal time; learning rates of 3e-3 and up, and
+# zero-initialised output layers, did worse. The MoE costs ~1.8x per token (routing, grouped
+# matmuls), so it gets fewer steps; 450 instead of 500 cost it 12 points of perplexity.
+TRAIN: dict[str, dict[str, Any]] = {
+    "qwen3": dict(seed=0, steps=600, batch=4, seq_len=128, lr=2e-3, warmup=30, min_lr_frac=0.1,
+                  weight_decay=0.1, betas=(0.9, 0.95), clip=1.0),
+    "qwen3-moe": dict(seed=0, steps=500, batch=4, seq_len=128, lr=2e-3, warmup=25,
+                      min_lr_frac=0.1, weight_decay=0.1, betas=(0.9, 0.95), clip=1.0),
+}
+
+
+def corpus() -> tuple[str, str]:
+    """(train, held-out) text: the stdlib's pydoc topics, sorted by key, EOS between topics."""
+    from pydoc_data.topics import topics
+
+    text = EOS.join(topics[k].strip() for k in sorted(topics))
+    cut = text.rfind("\n", 0, int(len(text) * (1 - HELD_OUT)))
+    return text[:cut], text[cut + 1:]
+
+
+def train_tokenizer(text: str) -> "Tokenizer":
+    """Byte-level BPE (GPT-2 style): any text encodes, nothing is ever unknown."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text], trainer)
+    return tok
+
+
+def save_tokenizer(tok: "Tokenizer", folder: Path) -> None:
+    """Written by hand rather than by transformers 5's save_pretrained, which names the class
+    'TokenizersBackend' (unknown to the transformers 4.x that engines may run) and writes no
+    special_tokens_map.json. PreTrainedTokenizerFast loads from these files everywhere."""
+    tok.save(str(folder / "tokenizer.json"))
+    special = {"bos_token": EOS, "eos_token": EOS, "pad_token": EOS, "unk_token": EOS}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 512,
+              "add_bos_token": False, "add_eos_token": False,
+              "clean_up_tokenization_spaces": False, **special}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def model_config(kind: str) -> Any:
+    """The transformers config of one architecture, EOS as bos/eos/pad, BF16 on disk."""
+    from transformers import Qwen3Config, Qwen3MoeConfig
+
+    spec = dict(ARCHS[kind])
+    cls = Qwen3MoeConfig if kind == "qwen3-moe" else Qwen3Config
+    rope_theta = spec.pop("rope_theta")
+    return cls(**spec, rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+               bos_token_id=0, eos_token_id=0, pad_token_id=0, dtype="bfloat16")
+
+
+def train(kind: str, ids: "torch.Tensor") -> "PreTrainedModel":
+    """A short deterministic AdamW run on random windows of `ids` (a fixed, seeded order)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    hp = TRAIN[kind]
+    torch.manual_seed(hp["seed"])
+    # grouped_mm: the eager experts loop creates a new matmul shape per expert per step, which
+    # was erratic (up to 10x slower) on CPU; batched_mm was ~60x slower.
+    moe = kind == "qwen3-moe"
+    extra = {"experts_implementation": "grouped_mm"} if moe else {}
+    aux = {"output_router_logits": True} if moe else {}  # adds the load-balancing loss
+    model = AutoModelForCausalLM.from_config(model_config(kind), dtype=torch.float32,
+                                             attn_implementation="sdpa", **extra)
+    model.train()
+    # fused: one kernel over all parameters; the default per-tensor path took ~20% of an MoE
+    # step (its 3-D expert tensors) on CPU.
+    opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"], betas=hp["betas"],
+                            weight_decay=hp["weight_decay"], fused=True)
+    steps, warmup, floor = hp["steps"], hp["warmup"], hp["min_lr_frac"]
+
+    def lr_factor(step: int) -> float:  # linear warmup, cosine down to floor
+        if step < warmup:
+            return (step + 1) / warmup
+        cos = 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+        return floor + (1 - floor) * cos
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    gen = torch.Generator().manual_seed(hp["seed"])
+    T, B = hp["seq_len"], hp["batch"]
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - T, (B,), generator=gen)
+        x = torch.stack([ids[s:s + T] for s in starts.tolist()])
+        # bf16 autocast: ~1.5x faster on CPUs with avx512_bf16; master weights stay float32.
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=x, labels=x, **aux).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), hp["clip"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+    return model.eval()
+
+
+def fingerprint() -> str:
+    """12 hex digits of this file's source and the hyperparameters: the cache key."""
+    blob = json.dumps({"vocab": VOCAB, "held_out": HELD_OUT, "archs": ARCHS, "train": TRAIN},
+                      sort_keys=True)
+    return hashlib.sha256(Path(__file__).read_bytes() + blob.encode()).hexdigest()[:12]
+
+
+def cache_root(cache_dir: Path | None = None) -> Path:
+    if cache_dir is not None:
+        return Path(cache_dir)
+    return Path(os.environ.get("MIXLOAD_CACHE") or Path.home() / ".cache" / "mixload")
+
+
+def _atomic(dest: Path, build: Callable[[Path], None]) -> Path:
+    """`dest`, made by build(tmp) in a sibling temp folder then renamed into place.
+
+    rename() of a folder onto an existing non-empty one fails, so of two racing builders the
+    loser drops its copy and uses the winner's; `dest` existing means it is complete."""
+    if dest.is_dir():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        build(tmp)
+        os.rename(tmp, dest)
+    except OSError:
+        if not dest.is_dir():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a no-op once renamed
+    return dest
+
+
+def _tokenizer_folder(root: Path) -> Path:
+    """The tokenizer, built once per fingerprint and shared by both models."""
+    def build(tmp: Path) -> None:
+        save_tokenizer(train_tokenizer(corpus()[0]), tmp)
+    return _atomic(root / "tokenizer", build)
+
+
+def _build_model(kind: str, tok_dir: Path, out: Path) -> None:
+    import torch
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    ids = torch.tensor(tok.encode(corpus()[0]).ids)
+    model = train(kind, ids)
+    model.to(torch.bfloat16).save_pretrained(out)
+    _hub_spelling(out / "config.json", kind)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(tok_dir / name, out / name)
+
+
+def _hub_spelling(path: Path, kind: str) -> None:
+    """transformers 5 writes num_local_experts / rope_parameters / dtype; published Qwen3
+    configs (and older readers in the engines) say num_experts / rope_theta / torch_dtype.
+    transformers 5 reads both spellings, so write the published ones too."""
+    cfg = json.loads(path.read_text())
+    if "num_local_experts" in cfg:
+        cfg["num_experts"] = cfg.pop("num_local_experts")
+    cfg["rope_theta"] = ARCHS[kind]["rope_theta"]
+    cfg["torch_dtype"] = "bfloat16"
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def ensure(kind: str, cache_dir: Path | None = None) -> Path:
+    """The folder of the BF16 `kind` ('qwen3' or 'qwen3-moe'), trained on first use."""
+    if kind not in ARCHS:
+        raise ValueError(f"unknown tiny model {kind!r}; known: {sorted(ARCHS)}")
+    root = cache_root(cache_dir) / "tiny" / fingerprint()
+    tok_dir = _tokenizer_folder(root)
+    return _atomic(root / f"{kind}-bf16", lambda tmp: _build_model(kind, tok_dir, tmp))
+
+
+def perplexity(model_dir: Path, text: str, window: int = 128) -> float:
+    """exp(mean next-token NLL) over fixed, non-overlapping windows of `text` (transformers)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor(tok(text, verbose=False)["input_ids"])  # longer than 512: windowed below
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for s in range(0, len(ids) - 1, window):
+            x = ids[s:s + window + 1]  # window inputs + the next token as the last target
+            logits = model(input_ids=x[None, :-1]).logits[0].float()
+            nll += torch.nn.functional.cross_entropy(logits, x[1:], reduction="sum").item()
+            count += len(x) - 1
+    return math.exp(nll / count)
+
+
+def build_all(cache_dir: Path | None = None) -> dict[str, Path]:
+    """Both models (for manual runs): prints build time and held-out perplexity."""
+    out = {}
+    for kind in ARCHS:
+        t0 = time.perf_counter()
+        out[kind] = ensure(kind, cache_dir)
+        ppl = perplexity(out[kind], corpus()[1])
+        print(f"{kind}: {out[kind]}  {time.perf_counter() - t0:.1f}s  held-out ppl {ppl:.1f}")
+    return out
+
+
+if __name__ == "__main__":
+    build_all()
