@@ -26,6 +26,7 @@ from sglang.srt.layers.quantization.unquant import UnquantizedLinearMethod
 
 from mixload.core.errors import MixloadError
 from mixload.core.formats import Awq, CtFp8, CtInt4, Fp8, Gptq, Unquantized, WeightFormat
+from mixload.core.parameters import remake
 from mixload.core.plan import Assignment, Plan
 
 logger = logging.getLogger(__name__)
@@ -232,15 +233,6 @@ def _fix_gptq_moe_params(method: QuantizeMethodBase) -> None:
                 shape[1] = w2_groups
             dtype = torch.int32 if name.endswith("qzeros") else params_dtype
             if shape != list(old.shape) or dtype != old.dtype:
-                _replace_param(layer, name, old, shape, dtype)
+                remake(layer, name, shape, dtype)
 
     method.create_weights = create_weights   # type: ignore[method-assign]
-
-
-def _replace_param(layer: torch.nn.Module, name: str, old: torch.nn.Parameter,
-                   shape: list[int], dtype: torch.dtype) -> None:
-    new = torch.nn.Parameter(torch.empty(shape, dtype=dtype, device=old.device),
-                             requires_grad=False)
-    for attr, value in vars(old).items():   # weight_loader, quant_method, is_transposed, ...
-        setattr(new, attr, value)
-    layer.register_parameter(name, new)

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
+from mixload.core.parameters import remake
+
 #: vLLM's method classes -> the mixload format each runs. The engine decides by class NAME in
 #: places (weight_loader_v2, v0.26's intermediate_size_full for AutoGPTQMoEMethod), so the
 #: adapter returns these exact classes and checks names, never subclasses. AWQ linears get
@@ -48,3 +52,19 @@ def local_experts(layer: Any) -> set[int]:
     without expert parallelism). Both versions map ids with this (private) method; -1 = not here."""
     return {e for e in range(layer.global_num_experts)
             if layer._map_global_expert_id_to_local_expert_id(e) != -1}
+
+
+def int32_moe_qzeros(method: Any) -> None:
+    """vLLM 0.26's AutoGPTQMoEMethod creates w13_qzeros / w2_qzeros in the model dtype, so the
+    packed int32 zero points are rounded on copy (the audit caught it on an H100); 0.30 creates
+    them int32. Remake them int32 right after creation, as stored. A no-op on 0.30."""
+    create = method.create_weights
+
+    def create_weights(layer: torch.nn.Module, *args: Any, **kwargs: Any) -> None:
+        create(layer, *args, **kwargs)
+        for name in ("w13_qzeros", "w2_qzeros"):
+            old = getattr(layer, name, None)
+            if old is not None and old.dtype != torch.int32:
+                remake(layer, name, list(old.shape), torch.int32)
+
+    method.create_weights = create_weights   # type: ignore[method-assign]

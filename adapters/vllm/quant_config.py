@@ -23,7 +23,7 @@ from mixload.core.errors import MixloadError
 from mixload.core.formats import WeightFormat
 from mixload.core.plan import Assignment, Plan, build_plan
 
-from .compat import method_format
+from .compat import int32_moe_qzeros, method_format
 
 #: formats vLLM runs with one of its own configs (compressed-tensors mixes: not yet)
 SUPPORTED = ("unquantized", "fp8", "gptq", "awq")
@@ -112,6 +112,8 @@ class MixloadConfig(QuantizationConfig):
                 f"vLLM can't run this layer as {fmt.label()} here: {type(exc).__name__}: {exc}",
                 tensor=prefix, rule=self._groups[prefix][0].origin,
                 fix="choose another source for it, or run on a machine with that kernel") from exc
+        if fmt.name == "gptq" and is_moe:
+            int32_moe_qzeros(method)
         if method_format(method) != fmt.name:
             raise MixloadError(
                 f"vLLM would run this layer with {type(method).__name__}, not a {fmt.label()} "

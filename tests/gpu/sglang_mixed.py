@@ -49,6 +49,7 @@ MIXES = {
         ("model.layers.0.self_attn.*", "awq"),        # AWQLinearMethod + AWQMarlinLinearScheme
         ("model.layers.*.mlp.experts.*", "awq"),      # AWQMoEMethod (Marlin MoE)
     ]),
+    "bf16": ("qwen3-moe", "bf16", []),               # control: every module unquantized
     "dense": ("qwen3", "bf16", [
         ("model.layers.0.self_attn.*", "gptq"),       # GPTQMarlinLinearMethod
         ("model.layers.0.mlp.*", "fp8"),              # Fp8LinearMethod
@@ -169,9 +170,11 @@ def child(mix: str, base: str, out: str) -> None:
     os._exit(0)
 
 
-def run_child(mix: Path, base: Path, out: Path, timeout: float) -> tuple[dict | None, str]:
-    env = {**os.environ, **ENV}
-    p = subprocess.Popen([sys.executable, __file__, "--child", str(mix), str(base), str(out)],
+def run_child(mix: Path, base: Path, out: Path, timeout: float, script: str = __file__,
+              env_extra: dict[str, str] | None = None) -> tuple[dict | None, str]:
+    """`script --child MIX BASE OUT` in its own process group, killed whole on timeout."""
+    env = {**os.environ, **(ENV if env_extra is None else env_extra)}
+    p = subprocess.Popen([sys.executable, script, "--child", str(mix), str(base), str(out)],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                          start_new_session=True)
     try:
