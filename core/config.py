@@ -115,6 +115,8 @@ class MixConfig:
     form: Literal["seed", "rules"]
 
 
+TINY = "tiny:"   # a source like `tiny:qwen3-moe/gptq-int4`: core/tiny_family.py
+
 # Engine-fused names a user may write; the checkpoint stores the parts.
 FUSED_NAMES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 TENSOR_SUFFIXES = ("weight", "bias", "qweight", "qzeros", "scales", "g_idx", "weight_scale",
@@ -148,6 +150,9 @@ def _compiled(pattern: str) -> re.Pattern[str]:
 
 
 def _resolve_path(raw: str, yaml_dir: Path) -> str:
+    if raw.startswith(TINY):   # the embedded tiny model family, made on first use
+        from .tiny_family import resolve
+        return str(resolve(raw.removeprefix(TINY)))
     p = Path(os.path.expandvars(os.path.expanduser(raw)))
     return str(p if p.is_absolute() else (yaml_dir / p))
 

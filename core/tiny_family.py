@@ -230,21 +230,30 @@ def ensure(kind: str, cache_dir: Path | None = None) -> Path:
 
 
 def perplexity(model_dir: Path, text: str, window: int = 128) -> float:
-    """exp(mean next-token NLL) over fixed, non-overlapping windows of `text` (transformers)."""
+    """Held-out perplexity of a model folder on `text` (transformers, float32)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .reference import perplexity as windowed
+
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = torch.tensor(tok(text, verbose=False)["input_ids"])  # longer than 512: windowed below
-    nll, count = 0.0, 0
-    with torch.no_grad():
-        for s in range(0, len(ids) - 1, window):
-            x = ids[s:s + window + 1]  # window inputs + the next token as the last target
-            logits = model(input_ids=x[None, :-1]).logits[0].float()
-            nll += torch.nn.functional.cross_entropy(logits, x[1:], reduction="sum").item()
-            count += len(x) - 1
-    return math.exp(nll / count)
+    return windowed(model, torch.tensor(tok(text, verbose=False)["input_ids"]), window)
+
+
+def sibling(kind: str, to: str, cache_dir: Path | None = None) -> Path:
+    """The BF16 `kind` converted with `mixload convert --to <to>` (fp8, gptq-int4, awq-int4,
+    ...), made on first use next to it: the family of published checkpoints, in miniature."""
+    from .convert import convert
+
+    bf16 = ensure(kind, cache_dir)
+    return _atomic(bf16.parent / f"{kind}-{to}", lambda tmp: convert(bf16, tmp, to, overwrite=True))
+
+
+def resolve(spec: str, cache_dir: Path | None = None) -> Path:
+    """`qwen3-moe` or `qwen3-moe/gptq-int4` (a mix YAML's `tiny:` source) -> its folder."""
+    kind, _, to = spec.partition("/")
+    return sibling(kind, to, cache_dir) if to and to != "bf16" else ensure(kind, cache_dir)
 
 
 def build_all(cache_dir: Path | None = None) -> dict[str, Path]:
