@@ -145,3 +145,24 @@ def test_a_failed_build_leaves_nothing_that_looks_complete(tmp_path: Path):
     with pytest.raises(RuntimeError):
         tiny_family._atomic(tmp_path / "x", build)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_converted_siblings_keep_the_held_out_perplexity(family: dict[str, Path], cache: Path):
+    """The FP8 and GPTQ-int4 siblings still model the text: held-out perplexity within 2 % of
+    BF16. (Measured 56.65 / 56.67 / 56.61: on this tiny model int4 RTN is inside the noise, so
+    the BF16 <= FP8 < INT4 ranking of a large model is not asserted.)"""
+    import torch
+    from tokenizers import Tokenizer
+
+    from mixload.core import config, reference
+    from mixload.core.plan import build_plan
+
+    tok = Tokenizer.from_file(str(family["qwen3-moe"] / "tokenizer.json"))
+    ids = torch.tensor(tok.encode(tiny_family.corpus()[1]).ids[:2048])
+    ppl = {}
+    for to in ("bf16", "fp8", "gptq-int4"):
+        folder = tiny_family.resolve(f"qwen3-moe/{to}", cache)
+        plan = build_plan(config.parse({"sources": {to: str(folder)}}, folder / "mix.yaml"))
+        ppl[to] = reference.perplexity(reference.reference_model(plan), ids)
+    assert ppl["bf16"] < 100
+    assert all(abs(p / ppl["bf16"] - 1) < 0.02 for p in ppl.values()), ppl
