@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from ..errors import ConfigError
 from .base import FLOAT_DTYPES, Parallel, ScaleDtype, WeightFormat, pack_int, unpack_int
-from .gptq import (INT32, check_int_shape, dequantize_int, int_tp_problems, quantize_int,
+from .gptq import (INT32, check_int_shape, dequantize_int, PackedInt, quantize_int,
                    sequential_groups)
 
 if TYPE_CHECKING:
@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
 
-class Awq(WeightFormat):
+class Awq(PackedInt, WeightFormat):
+    label_prefix: ClassVar[str] = "awq"
     name: ClassVar[str] = "awq"
     key: ClassVar[str] = "qweight"
     bits: int = 4
@@ -25,24 +26,10 @@ class Awq(WeightFormat):
     zero_point: bool = True
     default_scale_dtype: ClassVar[ScaleDtype] = "F16"   # AutoAWQ writes F16
 
-    @property
-    def precision(self) -> str:  # type: ignore[override]
-        return f"int{self.bits}"
-
-    @property
-    def pack(self) -> int:
-        return 32 // self.bits
-
-    def label(self) -> str:
-        return f"awq-int{self.bits}-g{self.group_size}"
-
     def quantization_config(self, ignore: list[str]) -> dict | None:
         return {"quant_method": "awq", "version": "gemm", "bits": self.bits,
                 "group_size": self.group_size, "zero_point": self.zero_point,
                 "modules_to_not_convert": ignore}
-
-    def groups(self, inp: int) -> int:
-        return 1 if self.group_size == -1 else inp // self.group_size
 
     def logical_shape(self, key_shape: tuple[int, ...]) -> tuple[int, int]:
         inp, cols = key_shape
@@ -64,11 +51,6 @@ class Awq(WeightFormat):
                 return None
             return {"qweight": 0, "qzeros": 0, "scales": 0}.get(suffix)
         return None
-
-    def tp_problems(self, out: int, inp: int, parallel: Parallel, tp: int) -> list[str]:
-        problems = super().tp_problems(out, inp, parallel, tp)
-        return problems or int_tp_problems(self.label(), self.group_size, self.pack,
-                                           out, inp, parallel, tp)
 
     def _check_bits(self) -> None:
         if self.bits != 4:

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from .base import FLOAT_DTYPES, Parallel, ScaleDtype, WeightFormat, pack_int, unpack_int
 from .fp8 import Fp8
-from .gptq import (INT32, check_int_shape, dequantize_int, int_tp_problems, quantize_int,
+from .gptq import (INT32, check_int_shape, dequantize_int, PackedInt, quantize_int,
                    sequential_groups)
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ def _ct_config(weights: dict[str, Any], activations: dict[str, Any] | None, fmt:
             "ignore": ignore, "kv_cache_scheme": None, "sparsity_config": {}}
 
 
-class CtInt4(WeightFormat):
+class CtInt4(PackedInt, WeightFormat):
     """`weight_packed` I32 [out, in/8], `weight_scale` [out, groups], `weight_shape` I64 [2];
     asymmetric adds `weight_zero_point` I32 [out/8, groups].
 
@@ -34,6 +34,7 @@ class CtInt4(WeightFormat):
     nibble is the usual unsigned q: symmetric dequantizes as (nibble - 8) * scale."""
 
     name: ClassVar[str] = "ct-int4"
+    label_prefix: ClassVar[str] = "ct"
     key: ClassVar[str] = "weight_packed"
     optional: ClassVar[frozenset[str]] = frozenset({"bias", "weight_g_idx"})
     # llm-compressor computes scales in the weight's dtype: BF16 for today's models.
@@ -41,20 +42,6 @@ class CtInt4(WeightFormat):
     bits: int = 4
     group_size: int = 128
     symmetric: bool = True
-
-    @property
-    def precision(self) -> str:  # type: ignore[override]
-        return f"int{self.bits}"
-
-    @property
-    def pack(self) -> int:
-        return 32 // self.bits
-
-    def label(self) -> str:
-        return f"ct-int{self.bits}-g{self.group_size}"
-
-    def groups(self, inp: int) -> int:
-        return 1 if self.group_size == -1 else inp // self.group_size
 
     def logical_shape(self, key_shape: tuple[int, ...]) -> tuple[int, int]:
         out, cols = key_shape
@@ -83,11 +70,6 @@ class CtInt4(WeightFormat):
                 return None
             return 0 if suffix == "weight_g_idx" else (1 if suffix != "bias" else None)
         return None
-
-    def tp_problems(self, out: int, inp: int, parallel: Parallel, tp: int) -> list[str]:
-        problems = super().tp_problems(out, inp, parallel, tp)
-        return problems or int_tp_problems(self.label(), self.group_size, self.pack,
-                                           out, inp, parallel, tp)
 
     def quantization_config(self, ignore: list[str]) -> dict | None:
         channel = self.group_size == -1

@@ -17,7 +17,36 @@ INT32 = frozenset({"I32"})
 MARLIN_N, MARLIN_K = 64, 128
 
 
-class Gptq(WeightFormat):
+class PackedInt:
+    """What every packed-int format (GPTQ, AWQ, compressed-tensors int) shares: `bits` packed
+    32 // bits to an int32, one scale per `group_size` inputs (-1: one group), the same TP rules."""
+
+    label_prefix: ClassVar[str]
+    bits: int
+    group_size: int
+
+    @property
+    def precision(self) -> str:
+        return f"int{self.bits}"
+
+    @property
+    def pack(self) -> int:
+        return 32 // self.bits
+
+    def label(self) -> str:
+        return f"{self.label_prefix}-int{self.bits}-g{self.group_size}"
+
+    def groups(self, inp: int) -> int:
+        return 1 if self.group_size == -1 else inp // self.group_size
+
+    def tp_problems(self, out: int, inp: int, parallel: Parallel, tp: int) -> list[str]:
+        problems = super().tp_problems(out, inp, parallel, tp)  # type: ignore[misc]
+        return problems or int_tp_problems(self.label(), self.group_size, self.pack,
+                                           out, inp, parallel, tp)
+
+
+class Gptq(PackedInt, WeightFormat):
+    label_prefix: ClassVar[str] = "gptq"
     name: ClassVar[str] = "gptq"
     key: ClassVar[str] = "qweight"
     optional: ClassVar[frozenset[str]] = frozenset({"bias", "g_idx"})
@@ -28,24 +57,10 @@ class Gptq(WeightFormat):
     checkpoint_format: Literal["gptq", "gptq_v2"] = "gptq"   # v1 stores zero-1
     default_scale_dtype: ClassVar[ScaleDtype] = "F16"        # AutoGPTQ / GPTQModel write F16
 
-    @property
-    def precision(self) -> str:  # type: ignore[override]
-        return f"int{self.bits}"
-
-    @property
-    def pack(self) -> int:
-        return 32 // self.bits
-
-    def label(self) -> str:
-        return f"gptq-int{self.bits}-g{self.group_size}"
-
     def quantization_config(self, ignore: list[str]) -> dict | None:
         return {"quant_method": "gptq", "bits": self.bits, "group_size": self.group_size,
                 "sym": self.sym, "desc_act": self.desc_act, "checkpoint_format": self.checkpoint_format,
                 "modules_to_not_convert": ignore}
-
-    def groups(self, inp: int) -> int:
-        return 1 if self.group_size == -1 else inp // self.group_size
 
     def logical_shape(self, key_shape: tuple[int, ...]) -> tuple[int, int]:
         rows, out = key_shape
@@ -68,12 +83,6 @@ class Gptq(WeightFormat):
                 return None   # one group spans the whole input: every rank keeps it
             return {"qweight": 0, "qzeros": 0, "scales": 0, "g_idx": 0}.get(suffix)
         return None
-
-    def tp_problems(self, out: int, inp: int, parallel: Parallel, tp: int) -> list[str]:
-        problems = super().tp_problems(out, inp, parallel, tp)
-        if problems:
-            return problems
-        return int_tp_problems(self.label(), self.group_size, self.pack, out, inp, parallel, tp)
 
     @property
     def _zero_offset(self) -> int:
