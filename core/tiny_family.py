@@ -2,8 +2,8 @@
 
 Tests and demos need checkpoints that load in transformers, vLLM and SGLang and whose greedy text
 means something, without any download. So we train them here, deterministically, from the Python
-docs that ship with the stdlib (`pydoc_data`): a 1024-token byte-level BPE and two 4-layer models
-(Qwen3 dense and Qwen3-MoE) whose every linear dimension is a multiple of 128, so that FP8 block
+docs that ship with the stdlib (`pydoc_data`): a 1024-token byte-level BPE and three 4-layer models
+(Qwen3 dense, Qwen3-MoE, and a Qwen3-MoE whose first layer is dense) whose every linear dimension is a multiple of 128, so that FP8 block
 128 and GPTQ/AWQ group 128 fit even at TP=2.
 
     path = ensure("qwen3-moe")        # <cache>/tiny/<hash12>/qwen3-moe-bf16, built on first use
@@ -34,7 +34,7 @@ EOS = "<|endoftext|>"
 VOCAB = 1024
 HELD_OUT = 0.05  # the tail of the corpus, cut at a line break
 
-# Shared by both architectures: head_dim 128 makes k/v out 2*128 = 256, i.e. 128 per rank at
+# Shared by every architecture: head_dim 128 makes k/v out 2*128 = 256, i.e. 128 per rank at
 # TP=2, so every linear dim (256, 512, 1024) is a multiple of the 128 block/group sizes.
 ATTENTION = dict(vocab_size=VOCAB, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=128, max_position_embeddings=512,
@@ -52,6 +52,9 @@ ARCHS: dict[str, dict[str, Any]] = {
                       # expert gets tokens (with 0.001 some experts of a layer were never routed).
                       router_aux_loss_coef=0.01),
 }
+# Qwen3-MoE whose layer 0 is a dense MLP (`mlp_only_layers`, like DeepSeek's first dense layers):
+# one model with attention, a dense MLP and experts, for mixes that give each its own precision.
+ARCHS["qwen3-hybrid"] = dict(ARCHS["qwen3-moe"], mlp_only_layers=[0])
 
 # Chosen by measurement on 2 idle CPU cores (bf16 autocast): ~85 s to build both. Batch 4 beat
 # batch 8 at equal tokens and batch 2 at equal time; learning rates of 3e-3 and up, and
@@ -63,6 +66,7 @@ TRAIN: dict[str, dict[str, Any]] = {
     "qwen3-moe": dict(seed=0, steps=500, batch=4, seq_len=128, lr=2e-3, warmup=25,
                       min_lr_frac=0.1, weight_decay=0.1, betas=(0.9, 0.95), clip=1.0),
 }
+TRAIN["qwen3-hybrid"] = TRAIN["qwen3-moe"]
 
 
 def corpus() -> tuple[str, str]:
@@ -105,26 +109,34 @@ def model_config(kind: str) -> Any:
     from transformers import Qwen3Config, Qwen3MoeConfig
 
     spec = dict(ARCHS[kind])
-    cls = Qwen3MoeConfig if kind == "qwen3-moe" else Qwen3Config
+    cls = Qwen3MoeConfig if is_moe(kind) else Qwen3Config
     rope_theta = spec.pop("rope_theta")
     return cls(**spec, rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
                bos_token_id=0, eos_token_id=0, pad_token_id=0, dtype="bfloat16")
 
 
+def is_moe(kind: str) -> bool:
+    return "num_experts" in ARCHS[kind]
+
+
 def train(kind: str, ids: "torch.Tensor") -> "PreTrainedModel":
-    """A short deterministic AdamW run on random windows of `ids` (a fixed, seeded order)."""
+    """A short deterministic AdamW run on random windows of `ids` (a fixed, seeded order).
+
+    On the GPU machine it trains on the GPU (seconds instead of a minute of device time); its
+    weights then differ from a CPU build's in the last bits, which is fine for a local cache."""
     import torch
     from transformers import AutoModelForCausalLM
 
     hp = TRAIN[kind]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(hp["seed"])
     # grouped_mm: the eager experts loop creates a new matmul shape per expert per step, which
     # was erratic (up to 10x slower) on CPU; batched_mm was ~60x slower.
-    moe = kind == "qwen3-moe"
+    moe = is_moe(kind)
     extra = {"experts_implementation": "grouped_mm"} if moe else {}
     aux = {"output_router_logits": True} if moe else {}  # adds the load-balancing loss
     model = AutoModelForCausalLM.from_config(model_config(kind), dtype=torch.float32,
-                                             attn_implementation="sdpa", **extra)
+                                             attn_implementation="sdpa", **extra).to(device)
     model.train()
     # fused: one kernel over all parameters; the default per-tensor path took ~20% of an MoE
     # step (its 3-D expert tensors) on CPU.
@@ -143,16 +155,16 @@ def train(kind: str, ids: "torch.Tensor") -> "PreTrainedModel":
     T, B = hp["seq_len"], hp["batch"]
     for _ in range(steps):
         starts = torch.randint(0, len(ids) - T, (B,), generator=gen)
-        x = torch.stack([ids[s:s + T] for s in starts.tolist()])
+        x = torch.stack([ids[s:s + T] for s in starts.tolist()]).to(device)
         # bf16 autocast: ~1.5x faster on CPUs with avx512_bf16; master weights stay float32.
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             loss = model(input_ids=x, labels=x, **aux).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), hp["clip"])
         opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
-    return model.eval()
+    return model.cpu().eval()
 
 
 def fingerprint() -> str:
@@ -189,7 +201,7 @@ def _atomic(dest: Path, build: Callable[[Path], None]) -> Path:
 
 
 def _tokenizer_folder(root: Path) -> Path:
-    """The tokenizer, built once per fingerprint and shared by both models."""
+    """The tokenizer, built once per fingerprint and shared by every model."""
     def build(tmp: Path) -> None:
         save_tokenizer(train_tokenizer(corpus()[0]), tmp)
     return _atomic(root / "tokenizer", build)
@@ -221,7 +233,7 @@ def _hub_spelling(path: Path, kind: str) -> None:
 
 
 def ensure(kind: str, cache_dir: Path | None = None) -> Path:
-    """The folder of the BF16 `kind` ('qwen3' or 'qwen3-moe'), trained on first use."""
+    """The folder of the BF16 `kind` ('qwen3', 'qwen3-moe', 'qwen3-hybrid'), trained on first use."""
     if kind not in ARCHS:
         raise ValueError(f"unknown tiny model {kind!r}; known: {sorted(ARCHS)}")
     root = cache_root(cache_dir) / "tiny" / fingerprint()
@@ -257,7 +269,7 @@ def resolve(spec: str, cache_dir: Path | None = None) -> Path:
 
 
 def build_all(cache_dir: Path | None = None) -> dict[str, Path]:
-    """Both models (for manual runs): prints build time and held-out perplexity."""
+    """Every model (for manual runs): prints build time and held-out perplexity."""
     out = {}
     for kind in ARCHS:
         t0 = time.perf_counter()

@@ -54,12 +54,13 @@ def test_config_shapes_and_every_linear_dim_is_a_multiple_of_128(family: dict[st
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size) == (256, 4, 1024)
     assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (4, 2, 128)
     assert cfg.tie_word_embeddings is False and cfg.max_position_embeddings == 512
-    if kind == "qwen3-moe":
+    if tiny_family.is_moe(kind):
         assert raw["architectures"] == ["Qwen3MoeForCausalLM"]
         assert raw["num_experts"] == 8  # the published spelling, for the engines' readers
         assert cfg.num_experts_per_tok == 2 and cfg.norm_topk_prob is True
         assert cfg.moe_intermediate_size == 256
-        assert (cfg.decoder_sparse_step, cfg.mlp_only_layers) == (1, [])
+        dense = [0] if kind == "qwen3-hybrid" else []
+        assert (cfg.decoder_sparse_step, cfg.mlp_only_layers) == (1, dense)
     else:
         assert raw["architectures"] == ["Qwen3ForCausalLM"] and cfg.intermediate_size == 512
 
@@ -69,10 +70,13 @@ def test_config_shapes_and_every_linear_dim_is_a_multiple_of_128(family: dict[st
     assert linears
     for m in linears:
         assert m.in_features % 128 == 0 and m.out_features % 128 == 0, m
-    if kind == "qwen3-moe":  # experts are fused 3-D parameters in transformers 5
-        experts = model.model.layers[0].mlp.experts
+    if tiny_family.is_moe(kind):  # experts are fused 3-D parameters in transformers 5
+        experts = model.model.layers[3].mlp.experts
         assert experts.gate_up_proj.shape[1:] == (512, 256)
         assert experts.down_proj.shape[1:] == (256, 256)
+    if kind == "qwen3-hybrid":  # a dense first layer, experts after it
+        assert model.model.layers[0].mlp.gate_proj.out_features == 512
+        assert not hasattr(model.model.layers[0].mlp, "experts")
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -31,6 +31,7 @@ from torch import nn
 
 from mixload.core import audit
 from mixload.core.config import load as load_mix
+from mixload.core.device_memory import DeviceMemory
 from mixload.core.errors import AuditError, MixloadError
 from mixload.core.plan import Plan, build_plan
 from mixload.core.stream import Consumption, ReadStats, local_plan, stream
@@ -130,6 +131,8 @@ class LoadRecord:
     stats: ReadStats = field(default_factory=ReadStats)
     skipped: set[str] = field(default_factory=set)   # other EP ranks' experts: never read
     seconds: float = 0.0
+    gpu_held_bytes: int | None = None   # the GPU allocator's view of the load (None off-GPU)
+    gpu_peak_bytes: int | None = None
 
     @property
     def bytes_read(self) -> int:
@@ -273,9 +276,12 @@ def make_loader_class() -> type:
             """Sources are local folders named in the YAML; nothing to download."""
 
         def load_model(self, *, model_config: Any, device_config: Any) -> nn.Module:
-            model, self.plan = build_model(model_config, self.load_config, device_config)
-            self.record = load_weights(model, self.plan)   # raises AuditError
-            postprocess(model, torch.device(device_config.device))
+            with DeviceMemory() as memory:
+                model, self.plan = build_model(model_config, self.load_config, device_config)
+                self.record = load_weights(model, self.plan)   # raises AuditError
+                postprocess(model, torch.device(device_config.device))
+            self.record.gpu_held_bytes = memory.held_bytes
+            self.record.gpu_peak_bytes = memory.peak_bytes
             self.report = write_report(self.plan, model, self.record,
                                        settings_for(model_config, self.load_config))
             return model.eval()

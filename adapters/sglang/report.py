@@ -36,6 +36,8 @@ def load_report(plan: Plan, measured: dict[str, int], record: Any,
         "tensors_skipped_other_ranks": len(record.skipped),
         "bytes_read": record.bytes_read,
         "load_seconds": round(record.seconds, 3),
+        "gpu_held_bytes": record.gpu_held_bytes,
+        "gpu_peak_bytes": record.gpu_peak_bytes,
         "warnings": plan.warnings,
     }
 

@@ -18,6 +18,7 @@ from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
 from mixload.core import audit
+from mixload.core.device_memory import DeviceMemory
 from mixload.core.errors import MixloadError
 from mixload.core.plan import Plan
 from mixload.core.stream import Consumption, ReadStats, local_plan, planned_bytes, stream
@@ -42,6 +43,10 @@ class LoadReport:
     tensors: int
     files_opened: int
     by_file: dict[str, int]
+    # GPU allocator: what the whole load (incl. vLLM's repacking) left allocated, and its peak
+    # above the start; None off-GPU.
+    gpu_held_bytes: int | None = None
+    gpu_peak_bytes: int | None = None
 
 
 @register_model_loader(LOAD_FORMAT)
@@ -57,7 +62,11 @@ class MixedModelLoader(BaseModelLoader):
                    prefix: str = "") -> nn.Module:
         # load_weights is handed only the model; the plan lives in the quant config.
         self._config = vllm_config.quant_config
-        return super().load_model(vllm_config, model_config, prefix)
+        with DeviceMemory() as memory:
+            model = super().load_model(vllm_config, model_config, prefix)
+        model.mixload_report.gpu_held_bytes = memory.held_bytes
+        model.mixload_report.gpu_peak_bytes = memory.peak_bytes
+        return model
 
     def load_weights(self, model: nn.Module, model_config: ModelConfig) -> None:
         if not isinstance(self._config, MixloadConfig) or self._config.plan is None:
