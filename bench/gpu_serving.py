@@ -11,8 +11,8 @@ and what fits the GPU machine's disk and time).
             first), in one call so the ratios come from one machine state
     report  perf.md table + perf.png from run's JSON
 
-P1 memory: GPU bytes the load left allocated (vLLM's "Model loading took X GiB", for both
-loaders; mixload's loader also measures it with the allocator, and its peak) vs the plan's bytes.
+P1 memory: GPU bytes the load left allocated, and its peak, by the allocator's counters around
+vLLM's model-loader call (the same call for both loaders), vs the plan's bytes.
 P2 decode: tokens/s at batch 1, 8, 64 = B x 128 new tokens / (time for 128 - time for 1), i.e.
 prefill excluded; vs the pure checkpoint nearest in bytes per token; vs the HBM bound (bytes a
 decode step reads / 3.35 TB/s, expected distinct experts per step for uniform routing).
@@ -47,15 +47,15 @@ MIXES = {
     "bf16": ({"bf16": "bf16"}, []),
     "fp8": ({"fp8": "fp8"}, []),
     "int4": ({"gptq": "gptq-int4"}, []),
-    "bf16-attn+int4-experts": ({"bf16": "bf16", "gptq": "gptq-int4"},
+    "bf16-attn_int4-experts": ({"bf16": "bf16", "gptq": "gptq-int4"},
                                [("*.mlp.experts.*", "gptq")]),
-    "fp8-attn+int4-experts": ({"fp8": "fp8", "gptq": "gptq-int4"},
+    "fp8-attn_int4-experts": ({"fp8": "fp8", "gptq": "gptq-int4"},
                               [("*.mlp.experts.*", "gptq")]),
 }
 PURE = ("bf16", "fp8", "gptq-int4")
 NEAREST_PURE = {"bf16": "bf16", "fp8": "fp8", "int4": "gptq-int4",
-                "bf16-attn+int4-experts": "gptq-int4", "fp8-attn+int4-experts": "gptq-int4"}
-ENV = {"VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_USE_DEEP_GEMM": "0", "VLLM_NO_USAGE_STATS": "1",
+                "bf16-attn_int4-experts": "gptq-int4", "fp8-attn_int4-experts": "gptq-int4"}
+ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_USE_FLASHINFER_SAMPLER": "0", "VLLM_USE_DEEP_GEMM": "0", "VLLM_NO_USAGE_STATS": "1",
        "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
        "PYTHONUNBUFFERED": "1", "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
 
@@ -104,7 +104,11 @@ def make(root: Path, layers: int) -> None:
     for to in PURE[1:]:
         if not (root / to / "config.json").exists():
             t0 = time.time()
-            convert(bf16, root / to, to)
+            try:
+                convert(bf16, root / to, to, device="cuda")
+            except Exception as exc:   # noqa: BLE001 - the CPU path is slow but proven
+                print(f"make: {to} on the GPU failed ({exc!r}); on the CPU", flush=True)
+                convert(bf16, root / to, to, overwrite=True)
             print(f"make: {to} in {time.time() - t0:.0f} s", flush=True)
     os.sync()   # dirty pages cannot be evicted: the runs must start cold
 
@@ -183,19 +187,34 @@ def step_bytes(plan, batch: int) -> int:
 def child(job_file: str) -> None:
     job = json.loads(Path(job_file).read_text())
     from vllm import LLM, SamplingParams
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
+    from mixload.core.device_memory import DeviceMemory
+
+    # The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so vLLM's own loader
+    # and mixload's are measured by the same allocator counters, around the same call.
+    load_memory: dict[str, int | None] = {}
+    original = BaseModelLoader.load_model
+
+    def measured(self, *args, **kwargs):   # noqa: ANN001, ANN002, ANN003, ANN202
+        with DeviceMemory() as m:
+            model = original(self, *args, **kwargs)
+        load_memory.update(held=m.held_bytes, peak=m.peak_bytes)
+        return model
+
+    BaseModelLoader.load_model = measured
     t0 = time.time()
     llm = LLM(job["model"], load_format=job["load_format"], skip_tokenizer_init=True,
               dtype="bfloat16", seed=0, gpu_memory_utilization=0.85, max_model_len=1024,
               max_num_seqs=max(BATCHES), enable_prefix_caching=False,
               compilation_config={"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY",
                                   "cudagraph_capture_sizes": list(BATCHES)})
-    out = {"t_engine": round(time.time() - t0, 1)}
+    out = {"t_engine": round(time.time() - t0, 1), "load_memory": load_memory}
     import random
     rng = random.Random(0)
 
     def timed(batch: int, tokens: int) -> float:
-        prompts = [{"prompt_token_ids": [rng.randrange(1000, 100000) for _ in range(PROMPT_TOKENS)]}
+        prompts = [{"prompt_token_ids": [rng.randrange(job["vocab"]) for _ in range(PROMPT_TOKENS)]}
                    for _ in range(batch)]
         sp = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
         t = time.perf_counter()
@@ -205,12 +224,13 @@ def child(job_file: str) -> None:
     timed(8, 16)   # warm-up
     decode = {}
     for b in BATCHES:
-        full = min(timed(b, NEW_TOKENS) for _ in range(2))
-        first = min(timed(b, 1) for _ in range(2))
+        full = min(timed(b, NEW_TOKENS) for _ in range(3))
+        first = min(timed(b, 1) for _ in range(3))
         decode[str(b)] = round(b * (NEW_TOKENS - 1) / (full - first), 1)
     out["decode_tok_s"] = decode
     if job["load_format"] == "mixed":
-        out["mixload"] = llm.apply_model(lambda m: __import__("dataclasses").asdict(m.mixload_report))[0]
+        from dataclasses import asdict
+        out["mixload"] = llm.apply_model(lambda m: asdict(m.mixload_report))[0]
     Path(job["out"]).write_text(json.dumps(out))
     os._exit(0)
 
@@ -225,20 +245,21 @@ def run_setup(name: str, job: dict, folders: list[Path], site: str, out: Path,
     evict(folders)
     cold = resident_bytes(folders)
     env = {**os.environ, **ENV, "PYTHONPATH": site}
+    log_file = out / f"{name}.log"
     t0 = time.time()
-    p = subprocess.Popen([sys.executable, __file__, "child", str(job_file)], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
-    try:
-        log, _ = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        log = (p.communicate()[0] or "") + f"\n[bench] TIMEOUT after {timeout} s"
-    try:
-        os.killpg(p.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    (out / f"{name}.log").write_text(log)
+    with open(log_file, "w") as log_out:
+        # A log file, not a pipe: engine helpers that outlive the child would hold a pipe open.
+        p = subprocess.Popen([sys.executable, __file__, "child", str(job_file)], env=env,
+                             stdout=log_out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log_out.write(f"\n[bench] TIMEOUT after {timeout} s\n")
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    log = log_file.read_text(errors="replace")
     res = {"wall": round(time.time() - t0, 1), "resident_before": cold,
            "disk_bytes_read": resident_bytes(folders) - cold}
     m = re.search(r"Model loading took ([\d.]+) GiB memory and ([\d.]+) seconds", log)
@@ -276,6 +297,7 @@ def run(root: Path, out: Path, site: str, only: list[str] | None, timeout: float
             folder = build(write_mix(root, name), root / "built" / name, overwrite=True)
             job = {"model": str(folder), "load_format": "mixed"}
             folders = sorted({Path(s.path) for s in plan.sources.values()})
+        job["vocab"] = plan.sources[plan.config.base].config["vocab_size"]
         res = run_setup(setup.replace(":", "-"), job, folders, site, out, timeout)
         res["plan_bytes"] = sum(a.nbytes for a in plan.assignments)
         res["step_bytes"] = {str(b): step_bytes(plan, b) for b in BATCHES}
@@ -302,18 +324,17 @@ def report(results: dict, out: Path) -> str:
         kind, name = setup.split(":")
         pure = results.get(f"pure:{NEAREST_PURE[name] if kind == 'mixed' else name}", {})
         dec = r["decode_tok_s"]
-        held = r.get("weights_gib")
+        mem = r.get("load_memory") or {}
+        held = mem["held"] / gib if mem.get("held") else None
         plan_gib = r["plan_bytes"] / gib
-        mix = r.get("mixload") or {}
-        peak = (f"{mix['gpu_peak_bytes'] / mix['gpu_held_bytes']:.3f}"
-                if mix.get("gpu_held_bytes") else "-")
+        peak = f"{mem['peak'] / mem['held']:.3f}" if mem.get("held") else "-"
         vs_pure = " / ".join(f"{dec[b] / pure['decode_tok_s'][b]:.2f}" for b in dec) \
             if pure.get("ok") and kind == "mixed" else "-"
         bound = " / ".join(f"{dec[b] / (int(b) * HBM_BYTES_PER_S / r['step_bytes'][b]):.2f}"
                            for b in dec)
         rows.append(
             f"| {name} | {'mixed' if kind == 'mixed' else 'vLLM auto'} | "
-            f"{held if held is not None else '-'} vs {plan_gib:.2f} "
+            f"{f'{held:.3f}' if held is not None else '-'} vs {plan_gib:.3f} "
             f"({(held or 0) / plan_gib:.3f}) | {peak} | {r.get('load_s', '-')} | "
             f"{r['disk_bytes_read'] / gib:.2f} GiB vs {r['plan_bytes'] / gib:.2f} "
             f"({r['disk_bytes_read'] / r['plan_bytes']:.3f}) | "

@@ -14,7 +14,6 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from .plan import Assignment, Plan
 from .sources import TensorInfo
@@ -77,6 +76,16 @@ def stream(plan: Plan, stats: ReadStats | None = None) -> Iterator[tuple[str, Te
                 yield info.name, tensor
 
 
+def _tensors(items: Iterable[Any]) -> Iterator[Tensor]:
+    """The tensors among aten arguments or results: tensors, or lists/tuples of them (aten's
+    only containers; pytree's general walk cost more than the rest of the hook per op)."""
+    for x in items:
+        if isinstance(x, torch.Tensor):
+            yield x
+        elif isinstance(x, (tuple, list)):
+            yield from (t for t in x if isinstance(t, torch.Tensor))
+
+
 def _storage(t: Tensor) -> int | None:
     """The address of a dense tensor's storage (shared by all its views); None if it has none."""
     try:
@@ -115,13 +124,13 @@ class Consumption(TorchDispatchMode):
                            kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        names = frozenset().union(*(self._origin.get(_storage(t), ()) for t in inputs))
+        names = frozenset().union(*(self._origin.get(_storage(t), ())
+                                    for t in _tensors((*args, *kwargs.values()))))
         schema = getattr(func, "_schema", None)
         written = [a for a, spec in zip(args, schema.arguments if schema else ())
                    if isinstance(a, torch.Tensor) and spec.alias_info is not None
                    and spec.alias_info.is_write]
-        outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
+        outputs = list(_tensors(out if isinstance(out, (tuple, list)) else (out,)))
         for t in outputs:
             ptr = _storage(t)
             if ptr is None or ptr in self._params:

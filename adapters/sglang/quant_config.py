@@ -152,6 +152,15 @@ class MixloadConfig(QuantizationConfig):
         parts = [self._modules.get(f"{head}.{p}") for p in self.packed_modules_mapping.get(last, ())]
         if parts and all(parts):
             return parts  # type: ignore[return-value]
+        there = sorted(n for n in self._modules if n.startswith(f"{head}."))
+        if there:   # config.json describes another structure here than SGLang builds
+            raise MixloadError(
+                f"SGLang builds a layer {prefix!r} where config.json describes "
+                f"{', '.join(there[:3])}{' …' if len(there) > 3 else ''}: this SGLang's model "
+                "class does not follow the checkpoint's config (SGLang's Qwen3-MoE ignores "
+                "mlp_only_layers and decoder_sparse_step), so the layer could not be loaded",
+                file=self.plan.config.file,
+                fix="serve this checkpoint with vLLM, whose model class follows the config")
         raise MixloadError(
             f"SGLang builds a quantizable layer {prefix!r} that the plan has no module for",
             file=self.plan.config.file,

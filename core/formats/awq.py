@@ -76,4 +76,4 @@ class Awq(PackedInt, WeightFormat):
         q = unpack_int(tensors["qweight"], self.bits, dim=1, order=ORDER).T      # [out, in]
         zero = unpack_int(tensors["qzeros"], self.bits, dim=1, order=ORDER).T    # [out, groups]
         return dequantize_int(q, tensors["scales"].T, zero,
-                              sequential_groups(q.shape[1], self.group_size))
+                              sequential_groups(q.shape[1], self.group_size, q.device))

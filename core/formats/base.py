@@ -158,7 +158,7 @@ def pack_int(q: Tensor, bits: int, dim: int, order: Sequence[int] | None = None)
     v = v.reshape(*v.shape[:-1], -1, per)
     if order is not None:
         v = v[..., list(order)]
-    words = (v << (torch.arange(per, dtype=torch.int64) * bits)).sum(-1)   # in [0, 2**32)
+    words = (v << (torch.arange(per, dtype=torch.int64, device=q.device) * bits)).sum(-1)   # in [0, 2**32)
     words = torch.where(words >= 2**31, words - 2**32, words)               # as int32 bits
     return words.to(torch.int32).movedim(-1, dim).contiguous()
 
@@ -169,7 +169,7 @@ def unpack_int(words: Tensor, bits: int, dim: int, order: Sequence[int] | None =
     per = 32 // bits
     w = words.movedim(dim, -1).to(torch.int32)
     # >> on int32 copies the sign bit; the mask drops it.
-    v = (w.unsqueeze(-1) >> (torch.arange(per, dtype=torch.int32) * bits)) & ((1 << bits) - 1)
+    v = (w.unsqueeze(-1) >> (torch.arange(per, dtype=torch.int32, device=w.device) * bits)) & ((1 << bits) - 1)
     if order is not None:
         v = v[..., sorted(range(per), key=lambda k: order[k])]
     return v.reshape(*w.shape[:-1], -1).movedim(-1, dim)

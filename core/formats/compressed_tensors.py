@@ -98,10 +98,11 @@ class CtInt4(PackedInt, WeightFormat):
         scale = tensors["weight_scale"]
         zp = tensors.get("weight_zero_point")
         zero = (unpack_int(zp, self.bits, dim=0) if zp is not None
-                else torch.full(scale.shape, 2 ** (self.bits - 1), dtype=torch.int32))
+                else torch.full(scale.shape, 2 ** (self.bits - 1), dtype=torch.int32,
+                             device=scale.device))
         g_idx = tensors.get("weight_g_idx")
         if g_idx is None:
-            g_idx = sequential_groups(q.shape[1], self.group_size)
+            g_idx = sequential_groups(q.shape[1], self.group_size, q.device)
         return dequantize_int(q, scale, zero, g_idx)
 
 

@@ -106,7 +106,7 @@ class Gptq(PackedInt, WeightFormat):
         zero = unpack_int(tensors["qzeros"], self.bits, dim=1).T + self._zero_offset
         g_idx = tensors.get("g_idx")
         if g_idx is None:
-            g_idx = sequential_groups(q.shape[1], self.group_size)
+            g_idx = sequential_groups(q.shape[1], self.group_size, q.device)
         return dequantize_int(q, tensors["scales"].T, zero, g_idx)
 
 
@@ -130,10 +130,11 @@ def check_int_shape(label: str, out: int, inp: int, group_size: int, pack: int) 
                           f"multiples of the pack factor {pack}", fix="leave this module unquantized")
 
 
-def sequential_groups(inp: int, group_size: int) -> Tensor:
+def sequential_groups(inp: int, group_size: int, device: "torch.device | str | None" = None) -> Tensor:
     """g_idx without act-order: column i is in group i // group_size."""
     import torch
-    return torch.arange(inp, dtype=torch.int32) // (inp if group_size == -1 else group_size)
+    return (torch.arange(inp, dtype=torch.int32, device=device)
+            // (inp if group_size == -1 else group_size))
 
 
 def int_qparams(w: Tensor, bits: int, sym: bool, scale_dtype: ScaleDtype,
@@ -169,7 +170,8 @@ def quantize_int(w: Tensor, bits: int, group_size: int, sym: bool, scale_dtype: 
     groups = w.float().reshape(out, inp // gs, gs)
     scale, zero = int_qparams(groups, bits, sym, scale_dtype, min_zero)
     q = _round_to_grid(groups, scale[..., None], zero[..., None], bits)
-    return IntQuant(q.reshape(out, inp).to(torch.int32), scale, zero, sequential_groups(inp, gs))
+    return IntQuant(q.reshape(out, inp).to(torch.int32), scale, zero,
+                    sequential_groups(inp, gs, w.device))
 
 
 @contextmanager

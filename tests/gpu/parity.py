@@ -119,18 +119,21 @@ def run_child(engine: str, job: dict, site: str, timeout: float) -> tuple[dict |
     out_file.unlink(missing_ok=True)
     job_file.write_text(json.dumps({**job, "out": str(out_file)}))
     env = {**os.environ, **COMMON_ENV, **ENGINE_ENV[engine], "PYTHONPATH": site}
-    p = subprocess.Popen([sys.executable, __file__, "--child", engine, str(job_file)], env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         start_new_session=True)
-    try:
-        log, _ = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        log = (p.communicate()[0] or "") + f"\n[parity] TIMEOUT after {timeout} s"
-    try:
-        os.killpg(p.pid, signal.SIGKILL)   # engine helpers left behind
-    except (ProcessLookupError, PermissionError):
-        pass
+    log_file = Path(job["work"]) / f"{engine}.log"
+    with open(log_file, "w") as log_out:
+        # A log file, not a pipe: engine helpers that outlive the child would hold a pipe open.
+        p = subprocess.Popen([sys.executable, __file__, "--child", engine, str(job_file)],
+                             env=env, stdout=log_out, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log_out.write(f"\n[parity] TIMEOUT after {timeout} s\n")
+        try:
+            os.killpg(p.pid, signal.SIGKILL)   # engine helpers left behind
+        except (ProcessLookupError, PermissionError):
+            pass
+    log = log_file.read_text(errors="replace")
     return (json.loads(out_file.read_text()) if out_file.exists() else None), log
 
 

@@ -23,6 +23,8 @@ ARCH = {
                       mlp_only_layers=[], norm_topk_prob=True),
     "qwen3": dict(architectures=["Qwen3ForCausalLM"], intermediate_size=512),
 }
+# Layer 0 dense (mlp_only_layers), like the tiny family's qwen3-hybrid: not in `family`.
+HYBRID = dict(ARCH["qwen3-moe"], mlp_only_layers=[0])
 QUANTIZED = {"fp8": "fp8", "gptq": "gptq-int4", "awq": "awq-int4"}
 
 
@@ -31,8 +33,9 @@ def _write_bf16(folder: Path, arch: str, seed: int) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3MoeConfig
 
-    cls = Qwen3MoeConfig if arch == "qwen3-moe" else Qwen3Config
-    config = cls(**COMMON, **ARCH[arch], torch_dtype="bfloat16")
+    spec = HYBRID if arch == "qwen3-hybrid" else ARCH[arch]
+    cls = Qwen3MoeConfig if "num_experts" in spec else Qwen3Config
+    config = cls(**COMMON, **spec, torch_dtype="bfloat16")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     sd = {k: (torch.randn(v.shape) * 0.05).to(torch.bfloat16) for k, v in model.state_dict().items()}
@@ -49,12 +52,12 @@ def _write_bf16(folder: Path, arch: str, seed: int) -> Path:
     cfg = config.to_dict()
     if "num_local_experts" in cfg:   # transformers 5 spelling; hub configs say num_experts
         cfg["num_experts"] = cfg.pop("num_local_experts")
-    cfg["architectures"] = ARCH[arch]["architectures"]
+    cfg["architectures"] = spec["architectures"]
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     return folder
 
 
-def _bf16_checkpoint(root: Path, arch: str, seed: int = 0) -> Path:
+def bf16_checkpoint(root: Path, arch: str, seed: int = 0) -> Path:
     """A random tiny checkpoint. (`mixload.core.tiny_family.ensure(arch)` — trained, meaningful
     text — replaces the seed-0 one once it lands; the tests do not depend on the layer count.)"""
     return _write_bf16(root / f"{arch}-bf16-seed{seed}", arch, seed)
@@ -69,8 +72,8 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Path
     root = tmp_path_factory.mktemp("tiny")
     out: dict[str, dict[str, Path]] = {}
     for arch in ARCH:
-        bf16 = _bf16_checkpoint(root, arch)
-        out[arch] = {"bf16": bf16, "bf16b": _bf16_checkpoint(root, arch, seed=1)}
+        bf16 = bf16_checkpoint(root, arch)
+        out[arch] = {"bf16": bf16, "bf16b": bf16_checkpoint(root, arch, seed=1)}
         for key, to in QUANTIZED.items():
             out[arch][key] = convert(bf16, root / f"{arch}-{key}", to)
     return out

@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from sgl_fixtures import write_mix
+from sgl_fixtures import bf16_checkpoint, write_mix
 from sgl_expected import mismatches
 from sglang.srt.configs.device_config import DeviceConfig
 from sglang.srt.configs.load_config import LoadConfig
 from sglang.srt.model_loader.loader import get_model_loader
 
 from mixload.adapters.sglang.loader import Settings, build_model, load_weights
-from mixload.core.errors import AuditError
+from mixload.core.errors import AuditError, MixloadError
 from mixload.core.formats import Unquantized
 
 CPU = DeviceConfig("cpu")
@@ -234,3 +234,17 @@ def test_a_mixload_build_folder_is_served_without_any_flag(family, model_config,
         "quantization_config"]["fingerprint"]
     assert methods(model)["model.layers.0.mlp.experts"] == "Fp8MoEMethod"
     assert methods(model)["model.layers.0.self_attn.qkv_proj"] == "UnquantizedLinearMethod"
+
+
+def test_a_dense_layer_sglang_would_build_as_experts_is_refused_before_loading(model_config,
+                                                                               tmp_path):
+    """SGLang's Qwen3-MoE ignores mlp_only_layers: for a checkpoint whose layer 0 is dense it
+    builds experts there, which its own loader would leave uninitialized. mixload refuses to
+    build it, naming the layer, what config.json says is there, and what to do."""
+    bf16 = bf16_checkpoint(tmp_path, "qwen3-hybrid")
+    mix = write_mix(tmp_path / "mix.yaml", {"bf16": bf16}, "bf16", [])
+    lc = LoadConfig(model_loader_extra_config=Settings(str(mix)).to_extra())
+    with pytest.raises(MixloadError, match=r"'model\.layers\.0\.mlp\.experts' where config\.json "
+                                           r"describes model\.layers\.0\.mlp\.down_proj") as err:
+        build_model(model_config(bf16), lc, CPU)
+    assert "mlp_only_layers" in str(err.value) and "vLLM" in err.value.fix
