@@ -62,7 +62,7 @@ ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_USE_FLASHINFER_SAMPLER": "0"
 
 # ---- make
 
-def make(root: Path, layers: int) -> None:
+def make(root: Path, layers: int, targets: tuple[str, ...] = PURE[1:]) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -101,7 +101,7 @@ def make(root: Path, layers: int) -> None:
              "weight_map": weight_map}))
         (bf16 / "config.json").write_text(json.dumps(config, indent=2))
         print(f"make: bf16 in {time.time() - t0:.0f} s", flush=True)
-    for to in PURE[1:]:
+    for to in targets:
         if not (root / to / "config.json").exists():
             t0 = time.time()
             try:
@@ -374,6 +374,7 @@ def main() -> int:
     m = sub.add_parser("make")
     m.add_argument("--root", type=Path, default=Path("/tmp/bench"))
     m.add_argument("--layers", type=int, default=12)
+    m.add_argument("--to", nargs="*", default=list(PURE[1:]), help="siblings to convert")
     r = sub.add_parser("run")
     r.add_argument("--root", type=Path, default=Path("/tmp/bench"))
     r.add_argument("--out", type=Path, required=True)
@@ -387,7 +388,7 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=Path("docs/results"))
     a = ap.parse_args()
     if a.cmd == "make":
-        make(a.root, a.layers)
+        make(a.root, a.layers, tuple(a.to))
     elif a.cmd == "run":
         return run(a.root, a.out, a.site, a.only, a.timeout)
     elif a.cmd == "child":

@@ -12,7 +12,7 @@ is still visibly at the sentinel afterwards.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +29,7 @@ _SENTINEL_BYTE = 0xA5
 # probability 2**-32. Flagging only counts 4096x above that keeps real data from tripping the
 # check, while any unwritten piece (at least one group row of one shard) is far above it.
 _CHANCE = 2.0**-20
+_COUNT_CHUNK = 2**24   # elements per slice in `unfilled`: 16 MB of mask, 128 MB of int64
 _DTYPE_NAMES = {torch_dtype(n): n for n in ("F32", "BF16", "F16", "F8_E4M3", "I32", "I64")}
 
 
@@ -61,14 +62,23 @@ def unfilled(params: Mapping[str, torch.Tensor]) -> dict[str, float]:
             if p.numel() == 0 or p.dtype == torch.bool or p.dtype.is_complex:
                 continue
             if p.dtype.is_floating_point:
-                left = int(torch.isnan(p).sum())
+                left = _count(p, torch.isnan)
                 threshold = 0.0
             else:
-                left = int((p == _int_sentinel(p.dtype)).sum())
+                sentinel = _int_sentinel(p.dtype)
+                left = _count(p, lambda c: c == sentinel)
                 threshold = p.numel() * _CHANCE
             if left > threshold:
                 out[name] = left / p.numel()
     return out
+
+
+def _count(p: torch.Tensor, hit: Callable[[torch.Tensor], torch.Tensor]) -> int:
+    """How many elements `hit` marks, a slice at a time: a bool mask and sum's int64 copy of a
+    whole 400M-element expert tensor took 3.6 GB of GPU memory at the end of a real-width load
+    (measured: load peak 1.22x the weights for BF16), for a count."""
+    flat = p.reshape(-1)
+    return sum(int(hit(chunk).sum()) for chunk in flat.split(_COUNT_CHUNK))
 
 
 def redundant(a: Assignment, suffix: str, tensor: torch.Tensor) -> bool:
