@@ -27,9 +27,7 @@ usage (GPU machine, vLLM kit + mixload wheel in /tmp/site):
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import mmap
 import os
 import re
 import signal
@@ -37,6 +35,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from mixload.core import page_cache
 
 HBM_BYTES_PER_S = 3.35e12   # H100 SXM
 BATCHES = (1, 8, 64)
@@ -120,39 +120,11 @@ def _files(folder: Path) -> list[Path]:
 
 
 def evict(folders: list[Path]) -> None:
-    for folder in folders:
-        for f in _files(folder):
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+    page_cache.evict(f for d in folders for f in _files(d))
 
 
 def resident_bytes(folders: list[Path]) -> int:
-    """Bytes of the checkpoint files in the page cache (mincore over an mmap of each file)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_long]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    page = mmap.PAGESIZE
-    total = 0
-    for folder in folders:
-        for f in _files(folder):
-            size = f.stat().st_size
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-                vec = (ctypes.c_ubyte * ((size + page - 1) // page))()
-                if libc.mincore(addr, size, vec) != 0:
-                    raise OSError(ctypes.get_errno(), f"mincore {f}")
-                libc.munmap(addr, size)
-            finally:
-                os.close(fd)
-            total += sum(v & 1 for v in vec) * page
-    return total
+    return page_cache.resident_bytes(f for d in folders for f in _files(d))
 
 
 # ---- run

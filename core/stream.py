@@ -6,6 +6,7 @@ Backend-neutral: an adapter feeds `stream(plan)` to its model's own weight loadi
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -15,10 +16,17 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .errors import SourceError
 from .plan import Assignment, Plan
 from .sources import TensorInfo
 
 Tensor = torch.Tensor
+# Every dtype a validated header may hold (sources.DTYPE_BYTES).
+TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16,
+                "F16": torch.float16, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                "U8": torch.uint8, "BOOL": torch.bool}
+SPARSE_USE = 0.5   # below this share of a file's bytes, the file is read without read-ahead
 
 
 @dataclass
@@ -59,21 +67,42 @@ def planned_bytes(plan: Plan) -> int:
 
 def stream(plan: Plan, stats: ReadStats | None = None) -> Iterator[tuple[str, Tensor]]:
     """(checkpoint name, tensor) for exactly the planned tensors: each file is opened once and
-    only the planned tensors' bytes are read from it (safetensors maps the file and copies
-    just the requested tensor)."""
-    from safetensors import safe_open
-
+    only the planned tensors' bytes are read from it, in file order, one read per tensor."""
     stats = stats if stats is not None else ReadStats()
     for file, infos in planned_tensors(plan).items():
-        with safe_open(str(file), framework="pt") as f:
+        fd = os.open(file, os.O_RDONLY)
+        try:
             stats.files_opened += 1
+            # Read-ahead around each read pulled whole shards from disk when a plan takes a few
+            # tensors of them (measured: 3 MB planned of a 16 MB shard read all 16 MB; at real
+            # width, attention from a BF16 shard of experts read 10 % more than planned).
+            wanted = sum(info.nbytes for info in infos)
+            sparse = wanted < SPARSE_USE * os.fstat(fd).st_size
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM if sparse else os.POSIX_FADV_SEQUENTIAL)
             for info in infos:
-                tensor = f.get_tensor(info.name)
-                n = tensor.numel() * tensor.element_size()
+                tensor = _read(fd, file, info)
                 stats.tensors += 1
-                stats.bytes_read += n
-                stats.by_file[str(file)] = stats.by_file.get(str(file), 0) + n
+                stats.bytes_read += info.nbytes
+                stats.by_file[str(file)] = stats.by_file.get(str(file), 0) + info.nbytes
                 yield info.name, tensor
+        finally:
+            os.close(fd)
+
+
+def _read(fd: int, file: Path, info: TensorInfo) -> Tensor:
+    """One tensor's bytes (pread: no mapping whose page faults read around them)."""
+    buf = bytearray(info.nbytes)
+    view, got = memoryview(buf), 0
+    while got < info.nbytes:
+        n = os.preadv(fd, [view[got:]], info.begin + got)
+        if n == 0:
+            raise SourceError(f"the file ends inside tensor {info.name}", file=file,
+                              tensor=info.name, fix="the shard is truncated: re-download it")
+        got += n
+    dtype = TORCH_DTYPES[info.dtype]
+    if not buf:
+        return torch.empty(info.shape, dtype=dtype)
+    return torch.frombuffer(buf, dtype=dtype).view(info.shape)
 
 
 def _tensors(items: Iterable[Any]) -> Iterator[Tensor]:

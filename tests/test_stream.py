@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mixload.core import catalog
+from mixload.core import catalog, page_cache
 from mixload.core.config import parse
 from mixload.core.plan import Plan, build_plan
 from mixload.core.stream import (Consumption, ReadStats, local_plan, planned_bytes,
@@ -86,6 +86,24 @@ def test_reads_from_disk_the_planned_bytes_and_readahead(tmp_path: Path) -> None
     # Every planned page, plus at most the readahead window on either side of each run.
     assert planned <= disk <= planned + 2 * window * runs(plan)
     assert disk < sum(f.stat().st_size for f in files)   # the unplanned half stayed on disk
+
+
+def test_a_source_used_for_one_tensor_is_read_without_readahead(tmp_path: Path) -> None:
+    """Taking one 512 KiB tensor from a 58 MiB BF16 shard (say, attention from the BF16
+    checkpoint, experts from an int4 one) reads that tensor's pages, not a readahead window
+    around it."""
+    a, b = checkpoint(tmp_path / "a", CONFIG, 0), checkpoint(tmp_path / "b", CONFIG, 1)
+    plan = build_plan(parse({"sources": {"a": str(a), "b": str(b)}, "rules": [
+        {"match": "model.layers.1.self_attn.k_proj", "use": "b"}]}, tmp_path / "mix.yaml"))
+    shard = b / "model.safetensors"
+    if readahead(shard) is None:
+        pytest.skip("no block device under the temp folder (tmpfs?): the page cache is the disk")
+    page_cache.evict([shard])
+    assert page_cache.resident_bytes([shard]) == 0
+    for _ in stream(plan):
+        pass
+    (k_proj,) = planned_tensors(plan)[shard]
+    assert k_proj.nbytes <= page_cache.resident_bytes([shard]) <= k_proj.nbytes + 2 * 4096
 
 
 def test_consumption_follows_tensors_through_an_engines_loader() -> None:
