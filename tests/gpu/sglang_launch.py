@@ -3,7 +3,8 @@
 --enable-mixed-precision --mixed-precision-config mix.yaml ...` starts a real SGLang HTTP server;
 then GET /mixload (plan + what each rank loaded) and POST /generate. Writes launch.json to --out.
 
-usage: python3 tests/gpu/sglang_launch.py --root /tmp/mixload-gpu --out $OUT [--port 30000]
+Serves configs/gpu/fp8-awq.yaml (FP8 attention, AWQ-int4 experts on the tiny MoE family).
+usage (SGLang kit on PYTHONPATH): python3 tests/gpu/sglang_launch.py --out $OUT [--port 30000]
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sglang_mixed import ENV, MIXES, PROMPTS, make_checkpoints, write_mix  # noqa: E402
+from parity import COMMON_ENV, ENGINE_ENV, MIXES, PROMPTS  # noqa: E402
 
 
 def http(url: str, body: dict | None = None, timeout: float = 60) -> dict:
@@ -30,27 +31,30 @@ def http(url: str, body: dict | None = None, timeout: float = 60) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--root", default="/tmp/mixload-gpu")
     ap.add_argument("--out", default=".")
     ap.add_argument("--port", type=int, default=30000)
     ap.add_argument("--timeout", type=float, default=240)
     a = ap.parse_args()
-    root, out = Path(a.root), Path(a.out)
-    root.mkdir(parents=True, exist_ok=True)
+    from tokenizers import Tokenizer
+
+    from mixload.core.config import load
+    from mixload.core.plan import build_plan
+
+    out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    arch, base, rules = MIXES["moe"]
-    ckpts = make_checkpoints(root, arch)
-    mix = write_mix(root / "launch.yaml", ckpts, base, rules)
+    mix = MIXES / "fp8-awq.yaml"
+    base = build_plan(load(mix)).sources["bf16"].path   # makes the tiny family on first use
+    prompt = Tokenizer.from_file(str(base / "tokenizer.json")).encode(PROMPTS[0]).ids
     argv = [sys.executable, "-m", "mixload.adapters.sglang.launch",
             "--enable-mixed-precision", "--mixed-precision-config", str(mix),
-            "--model-path", str(ckpts[base]), "--tp-size", "1", "--dp-size", "1",
+            "--model-path", str(base), "--tp-size", "1", "--dp-size", "1",
             "--host", "127.0.0.1", "--port", str(a.port), "--max-running-requests", "64",
             "--max-total-tokens", "16384", "--dtype", "bfloat16",
             # not the seed's: what this one-GPU test box needs
             "--attention-backend", "triton", "--sampling-backend", "pytorch",
             "--disable-cuda-graph", "--mem-fraction-static", "0.3", "--skip-tokenizer-init"]
     log = open(out / "launch.log", "w")
-    p = subprocess.Popen(argv, env={**os.environ, **ENV}, stdout=log, stderr=subprocess.STDOUT,
+    p = subprocess.Popen(argv, env={**os.environ, **COMMON_ENV, **ENGINE_ENV["sglang"]}, stdout=log, stderr=subprocess.STDOUT,
                          start_new_session=True)
     result: dict = {"argv": argv[3:]}
     t0 = time.time()
@@ -73,7 +77,7 @@ def main() -> int:
                                                           "measured_rank_bytes", "bytes_read")}
                                        for r in info["ranks"]]}
         gen = http(f"http://127.0.0.1:{a.port}/generate", {
-            "input_ids": PROMPTS[0], "sampling_params": {"temperature": 0, "max_new_tokens": 8,
+            "input_ids": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": 8,
                                                          "ignore_eos": True}})
         result["generate"] = gen.get("output_ids")
         result["ok"] = bool(info["loaded"]) and len(result["generate"] or []) == 8
