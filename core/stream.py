@@ -16,6 +16,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from .hub import check_cached
 from .plan import Assignment, Plan
 from .sources import TensorInfo
 
@@ -64,6 +65,7 @@ def stream(plan: Plan, stats: ReadStats | None = None) -> Iterator[tuple[str, Te
     just the requested tensor)."""
     from safetensors import safe_open
 
+    check_cached(plan)   # a hub source planned online may not be fetched yet: say which command
     stats = stats if stats is not None else ReadStats()
     for file, infos in planned_tensors(plan).items():
         with safe_open(str(file), framework="pt") as f:
