@@ -53,14 +53,17 @@ class HubRepo:
 
 def _offline() -> bool:
     from huggingface_hub import constants
-    return constants.is_offline_mode()
+    return constants.HF_HUB_OFFLINE
 
 
 @contextmanager
 def _hub_errors(name: str, repo: str, revision: str, file: str, mix_file: Path) -> Iterator[None]:
     """huggingface_hub's exceptions -> SourceError naming the source, the file and the fix."""
-    import httpx2
     from huggingface_hub import constants, errors
+    try:   # huggingface_hub >= 2 talks through httpx2, 1.x through httpx
+        import httpx2 as httpx
+    except ImportError:
+        import httpx  # type: ignore[no-redef]
 
     where = f"{repo}@{revision}: {file}"
     try:
@@ -87,7 +90,7 @@ def _hub_errors(name: str, repo: str, revision: str, file: str, mix_file: Path) 
                           f"({constants.HF_HUB_CACHE})", file=where,
                           fix=f"run `mixload fetch {mix_file}` with network access "
                               "(HF_HUB_OFFLINE unset)") from None
-    except (errors.HfHubHTTPError, httpx2.HTTPError) as exc:
+    except (errors.HfHubHTTPError, httpx.HTTPError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SourceError(f"source {name!r}: the hub request failed: {first}", file=where,
                           fix="check the network, HF_ENDPOINT and the token") from None
@@ -135,7 +138,8 @@ def open_hub_source(name: str, repo_id: str, revision: str | None, mix_file: Pat
             info = HfApi().model_info(repo_id, revision=rev, files_metadata=True)
         sizes = {s.rfilename: s.size or 0 for s in info.siblings or []}
     with _hub_errors(name, repo_id, rev, "config.json", mix_file):
-        config = Path(hf_hub_download(repo_id, "config.json", revision=rev if offline else info.sha))
+        # by the revision as written, so the cache records it (refs/) for offline use
+        config = Path(hf_hub_download(repo_id, "config.json", revision=rev))
     folder = config.parent    # the snapshot: <cache>/models--org--name/snapshots/<commit>
     hub = HubRepo(repo_id, rev, folder.name, sizes)
     config_data = read_config(folder)
