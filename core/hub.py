@@ -341,6 +341,9 @@ def print_fetch(rows: list[FetchRow], out: Console, dry_run: bool) -> None:
 
     from .report import human
 
+    if not rows:
+        out.print("no source is given by Hugging Face id: nothing to fetch")
+        return
     table = Table(title="mixload fetch" + (" --dry-run (nothing downloaded)" if dry_run else ""))
     for col in ("source", "repository", "files", "needed", "full repository", "share",
                 "downloaded" if not dry_run else "to download"):

@@ -211,10 +211,9 @@ def _tensors(src: Source, m: Module, fmt: WeightFormat, mix_file: Path
         name = f"{m.name}.{suffix}"
         t = src.tensors.get(name)
         if t is None:
-            if name in src.uncached:
-                problems.append(not_cached(src, [name], mix_file))
-            elif suffix not in fmt.optional:
-                problems.append(MixloadError(
+            uncached = not_cached(src, [name], mix_file)
+            if uncached or suffix not in fmt.optional:
+                problems.append(uncached or MixloadError(
                     f"source {src.name!r} ({fmt.label()}) lacks a tensor this module needs",
                     file=src.path, tensor=name,
                     fix="use a source that has it, or check that the sources are the same model"))

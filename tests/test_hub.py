@@ -182,6 +182,8 @@ def test_the_fetched_cache_plans_and_builds_offline(small_hub) -> None:
     written = yaml.safe_load((hub.root / "served" / "mix.yaml").read_text())
     assert written["sources"]["int4"] == {"path": INT4, "revision": hub.server.repos[INT4].sha}
     assert (hub.root / "served" / "tokenizer.json").exists()
+    explain = hub.mixload("explain", mix, "model.layers.0.self_attn.qkv_proj", offline=True)
+    assert explain.returncode == 0 and BF16 in explain.stdout
     # the engines re-plan the built folder's mix.yaml from the cache, offline
     assert hub.mixload("check", hub.root / "served" / "mix.yaml", offline=True).returncode == 0
     assert sum(hub.server.sent.values()) == 0
