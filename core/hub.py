@@ -202,10 +202,13 @@ class _RemoteTensors(dict[str, TensorInfo]):
         super().__init__(known)
         self.pending, self.source, self.hub = dict(pending), source, hub
         self.folder, self.mix_file = folder, mix_file
+        self.by_file: dict[str, list[str]] = {}
+        for tensor, file in pending.items():
+            self.by_file.setdefault(file, []).append(tensor)
 
     def _load(self, file: str) -> None:
         header = _remote_header(self.source, self.hub, self.folder / file, file, self.mix_file)
-        for tensor in [t for t, f in self.pending.items() if f == file]:
+        for tensor in self.by_file.pop(file):
             if tensor not in header:
                 raise HeaderError(f"source {self.source!r}: the index puts this tensor in "
                                   f"{file!r}, whose header does not list it",
@@ -215,8 +218,8 @@ class _RemoteTensors(dict[str, TensorInfo]):
             del self.pending[tensor]
 
     def _load_all(self) -> None:
-        while self.pending:
-            self._load(next(iter(self.pending.values())))
+        while self.by_file:
+            self._load(next(iter(self.by_file)))
 
     def get(self, key: str, default: TensorInfo | None = None) -> TensorInfo | None:  # type: ignore[override]
         if key in self.pending:
