@@ -120,6 +120,19 @@ def test_planning_real_shapes_by_hub_id_transfers_only_header_bytes(
     assert hub.cached_weights() == []
 
 
+def test_a_repository_without_index_plans_from_its_one_shard_header(hub: Hub) -> None:
+    folder = header_only.write(hub.root / "one", SMALL_MOE, None, shard_bytes=2**30)
+    (folder / "model.safetensors.index.json").unlink()
+    shard = folder / "model.safetensors"
+    next(folder.glob("*.safetensors")).rename(shard)
+    hub.server.add(BF16, folder)
+
+    run = hub.mixload("check", write_yaml(hub.root / "mix.yaml", {"sources": {"bf16": BF16}}))
+
+    assert run.returncode == 0, run.stderr
+    assert hub.server.sent_for(BF16, ".safetensors") == {shard.name: header_bytes(shard)}
+
+
 @pytest.fixture
 def small_hub(hub: Hub) -> tuple[Hub, dict[str, Path], Path]:
     folders = small_family(hub.root / "repos")
