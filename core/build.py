@@ -20,6 +20,7 @@ import yaml
 from .config import SEED_PRECISIONS, MixConfig, load, parse
 from .convert import SIDE_FILES, _replace  # tokenizer files; atomic folder swap
 from .errors import ConfigError
+from .hub import check_cached
 from .plan import Plan, build_plan
 
 MIX = "mix.yaml"
@@ -35,6 +36,7 @@ def build(config_path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     folder is replaced only with `overwrite=True`."""
     cfg = load(config_path)
     plan = build_plan(cfg)
+    check_cached(plan)   # the engines read the weights from disk: every planned shard is there
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise ConfigError("the output folder already exists", file=out,
@@ -53,6 +55,10 @@ def build(config_path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
 def _write(plan: Plan, folder: Path) -> None:
     base = plan.sources[plan.config.base]
     mix = normalized(plan.config)
+    if plan.config.form == "rules":   # the engines load the very commits that were planned
+        for name, src in plan.sources.items():
+            if src.hub is not None:
+                mix["sources"][name]["revision"] = src.hub.commit
     # The copy must mean exactly what the user's YAML meant.
     if build_plan(parse(mix, folder / MIX)).fingerprint != plan.fingerprint:
         raise ConfigError("the normalized mix config plans differently from the original",
@@ -83,8 +89,7 @@ def normalized(cfg: MixConfig) -> dict[str, Any]:
         mp["weight_mapping"] = {r.pattern: r.use for r in cfg.rules}
         mp["on_conflict"] = cfg.on_conflict
         return {"mixed_precision": mp}
-    sources = {name: ({"path": s.path, "format": s.format} if s.format else {"path": s.path})
-               for name, s in cfg.sources.items()}
+    sources = {name: s.model_dump(exclude_none=True) for name, s in cfg.sources.items()}
     return {"sources": sources, "base": cfg.base,
             "rules": [{"match": r.pattern, "use": r.use} for r in cfg.rules],
             "on_conflict": cfg.on_conflict}

@@ -1,4 +1,4 @@
-"""mixload plan | check | explain | build | serve | convert | schema — bad input exits 2 with a message, never a traceback."""
+"""mixload plan | check | explain | fetch | build | serve | convert | schema — bad input exits 2 with a message, never a traceback."""
 from __future__ import annotations
 
 import argparse
@@ -70,6 +70,13 @@ def cmd_build(args: argparse.Namespace, out: Console) -> int:
     return 0
 
 
+def cmd_fetch(args: argparse.Namespace, out: Console) -> int:
+    from .hub import fetch, print_fetch
+    plan = build_plan(config_mod.load(args.config))
+    print_fetch(fetch(plan, dry_run=args.dry_run), out, args.dry_run)
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace, out: Console) -> int:
     from .hooks import plugin_manager
     rc = plugin_manager().hook.mixload_serve(backend=args.backend, argv=args.engine_args)
@@ -107,6 +114,10 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("config", help="mix YAML")
     b.add_argument("-o", "--output", required=True, help="output folder")
     b.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    fetch = sub.add_parser("fetch", help="download into the Hugging Face cache only the shards "
+                                         "the plan uses (sources given by hub id)")
+    fetch.add_argument("config", help="mix YAML")
+    fetch.add_argument("--dry-run", action="store_true", help="report what would be downloaded")
     serve = sub.add_parser("serve", help="start an engine with mixload (e.g. mixload serve sglang "
                                          "--enable-mixed-precision --mixed-precision-config mix.yaml ...)")
     serve.add_argument("backend", help="sglang")
@@ -124,7 +135,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 COMMANDS = {"plan": cmd_plan, "check": cmd_check, "explain": cmd_explain, "schema": cmd_schema,
-            "convert": cmd_convert, "build": cmd_build, "serve": cmd_serve}
+            "convert": cmd_convert, "build": cmd_build, "serve": cmd_serve, "fetch": cmd_fetch}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,8 @@ Seed form (accepted verbatim from the seed documents):
     mixed_precision: {fp16_path, fp8_path, gptq_int4_path, awq_int4_path, int4_path,
                       base_model_path, weight_mapping: {name: fp16|fp8|gptq_int4|awq_int4|int4}}
 Rule form:
-    sources: {name: path | {path, format}}, base: name, rules: [{match, use}], on_conflict
+    sources: {name: path | {path, format, revision}}, base: name, rules: [{match, use}], on_conflict
+A path is a folder, or a Hugging Face id (`org/name`) when no such folder exists (core/hub.py).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
+from .hub import is_hub_id
 
 OnConflict = Literal["error", "promote", "demote"]
 SEED_PRECISIONS = ("fp16", "fp8", "gptq_int4", "awq_int4", "int4")
@@ -32,9 +34,12 @@ class _Strict(BaseModel):
 
 
 class SourceSpec(_Strict):
-    path: str = Field(description="checkpoint folder (relative paths are relative to the YAML)")
+    path: str = Field(description="checkpoint folder (relative paths are relative to the YAML), "
+                                  "or a Hugging Face id `org/name` when no such folder exists")
     format: SourceFormat | None = Field(
         None, description="expected format; checked against the checkpoint's config.json")
+    revision: str | None = Field(None, description="hub ids only: branch, tag or commit "
+                                                   "(default: main)")
 
 
 class Rule(_Strict):
@@ -153,6 +158,8 @@ def _resolve_path(raw: str, yaml_dir: Path) -> str:
     if raw.startswith(TINY):   # the embedded tiny model family, made on first use
         from .tiny_family import resolve
         return str(resolve(raw.removeprefix(TINY)))
+    if is_hub_id(raw) and not (yaml_dir / raw).exists():
+        return raw   # stays an id: core/hub.py resolves it through the Hugging Face cache
     p = Path(os.path.expandvars(os.path.expanduser(raw)))
     return str(p if p.is_absolute() else (yaml_dir / p))
 
@@ -198,6 +205,10 @@ def _normalize_rules(form: RuleForm, file: Path) -> MixConfig:
              for n, s in form.sources.items()}
     specs = {n: s.model_copy(update={"path": _resolve_path(s.path, file.parent)})
              for n, s in specs.items()}
+    for n, s in specs.items():
+        if s.revision and not is_hub_id(s.path):
+            raise ConfigError(f"sources.{n}.revision is set but {s.path} is a local folder",
+                              file=file, fix="revision applies to Hugging Face ids only; remove it")
     rules = tuple(NormalizedRule(r.match, r.use, f"rules[{i}]: match {r.match!r} -> {r.use}")
                   for i, r in enumerate(form.rules))
     for r in rules:

@@ -11,14 +11,16 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from . import catalog
 from .catalog import Module
-from .config import MixConfig
+from .config import TENSOR_SUFFIXES, MixConfig
 from .errors import ConfigError, MixloadError, PlanError
 from .formats import Unquantized, WeightFormat, shape_matches
 from .formats.base import FLOAT_DTYPES
+from .hub import is_hub_id, not_cached, open_hub_source
 from .sources import Source, TensorInfo, open_source
 
 
@@ -95,6 +97,8 @@ class Plan:
             "base": self.config.base,
             "sources": {n: {"path": str(s.path), "formats": [f.label() for f in s.formats],
                             "dtype": s.dtype,
+                            **({"repo": s.hub.repo_id, "revision": s.hub.revision,
+                                "commit": s.hub.commit} if s.hub else {}),
                             "files": sorted({t.file.name for a in self.assignments
                                              if a.source == n for t in a.tensors.values()})}
                         for n, s in self.sources.items()},
@@ -129,7 +133,8 @@ def _open_all(cfg: MixConfig) -> tuple[dict[str, Source], list[MixloadError]]:
     sources, problems = {}, []
     for name, spec in cfg.sources.items():
         try:
-            src = open_source(name, spec.path)
+            src = (open_hub_source(name, spec.path, spec.revision, cfg.file)
+                   if is_hub_id(spec.path) else open_source(name, spec.path))
         except MixloadError as exc:
             problems.append(exc)
             continue
@@ -195,7 +200,8 @@ def _dtypes(fmt: WeightFormat) -> dict[str, frozenset[str]]:
     return fmt.tensor_dtypes()
 
 
-def _tensors(src: Source, m: Module, fmt: WeightFormat) -> tuple[dict[str, TensorInfo], list[MixloadError]]:
+def _tensors(src: Source, m: Module, fmt: WeightFormat, mix_file: Path
+             ) -> tuple[dict[str, TensorInfo], list[MixloadError]]:
     expected = fmt.tensor_shapes(*m.shape) if m.linear else {"weight": m.shape}
     if m.linear:
         expected = {**expected, "bias": (m.shape[0],)}
@@ -205,8 +211,9 @@ def _tensors(src: Source, m: Module, fmt: WeightFormat) -> tuple[dict[str, Tenso
         name = f"{m.name}.{suffix}"
         t = src.tensors.get(name)
         if t is None:
-            if suffix not in fmt.optional:
-                problems.append(MixloadError(
+            uncached = not_cached(src, [name], mix_file)
+            if uncached or suffix not in fmt.optional:
+                problems.append(uncached or MixloadError(
                     f"source {src.name!r} ({fmt.label()}) lacks a tensor this module needs",
                     file=src.path, tensor=name,
                     fix="use a source that has it, or check that the sources are the same model"))
@@ -369,18 +376,19 @@ def _build_plan(cfg: MixConfig, tp: int, ep: int) -> Plan:
             continue   # that source failed to open; already reported
         fmt = _format_of(src, m)
         if fmt is None:
-            problems.append(MixloadError(
+            problems.append(not_cached(src, [f"{m.name}.{s}" for s in TENSOR_SUFFIXES], cfg.file)
+                            or MixloadError(
                 f"source {name!r} has no weights for {m.kind} module {m.name}",
                 file=src.path, tensor=f"{m.name}.weight", rule=origin,
                 fix="point the rule at a source that has this module"))
             continue
-        tensors, tensor_problems = _tensors(src, m, fmt)
+        tensors, tensor_problems = _tensors(src, m, fmt, cfg.file)
         problems += tensor_problems
         rows.append(Assignment(m, name, fmt, tensors, origin, notes.get(m.name)))
     if tp < 1 or ep < 1:
         problems.append(ConfigError(f"TP and EP must be >= 1 (got TP={tp}, EP={ep})"))
     else:
         problems += _tp_problems(rows, base.config, tp, ep, base.path / "config.json")
-    if problems:
-        raise PlanError(problems)
+    if problems:   # one uncached shard is reported once, not once per module in it
+        raise PlanError(list({p.render(): p for p in problems}.values()))
     return Plan(cfg, sources, rows, tp, ep, warnings)

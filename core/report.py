@@ -89,7 +89,8 @@ def print_explain(plan: Plan, rows: list[Assignment], console: Console) -> None:
     for a in rows:
         console.print(f"[bold]{a.module.name}[/]  ({a.module.kind}, group {a.module.group})")
         console.print(f"  chosen by: {a.origin}" + (f"; {a.note}" if a.note else ""))
-        console.print(f"  source:    {a.source}  {plan.sources[a.source].path}")
+        src = plan.sources[a.source]
+        console.print(f"  source:    {a.source}  {f'{src.hub}  ' if src.hub else ''}{src.path}")
         console.print(f"  format:    {a.format.label()}  ({human(a.nbytes)}, "
                       f"{human(a.rank_bytes(plan.tp, plan.ep))} per rank at TP={plan.tp})")
         for t in a.tensors.values():

@@ -6,12 +6,15 @@ import struct
 from math import prod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, NamedTuple
 
 import orjson
 
 from .errors import HeaderError, SourceError
 from .formats import DTYPE_BYTES, Unquantized, WeightFormat, detect, torch_dtype_name
+
+if TYPE_CHECKING:
+    from .hub import HubRepo
 
 INDEX = "model.safetensors.index.json"
 MAX_HEADER = 100 * 2**20          # the safetensors library's own limit
@@ -36,19 +39,27 @@ class TensorInfo(NamedTuple):
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Parse and validate one safetensors header, reading exactly 8 + header-length bytes."""
     try:
-        size = path.stat().st_size
         with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise HeaderError("truncated safetensors file: no 8-byte header length", file=path,
-                                  fix="re-download or re-convert this shard")
-            (n,) = struct.unpack("<Q", head)
-            if n == 0 or n > MAX_HEADER or 8 + n > size:
-                raise HeaderError(f"header length {n} does not fit the file ({size} bytes)",
-                                  file=path, fix="the file is truncated or not safetensors")
-            raw = f.read(n)
+            return parse_header(f, os.fstat(f.fileno()).st_size, path)
     except OSError as exc:
         raise SourceError(f"can't read: {exc.strerror}", file=path) from None
+
+
+def parse_header(f: BinaryIO, size: int, path: Path) -> dict[str, TensorInfo]:
+    """Validate the header of a `size`-byte safetensors file read from `f` (a local file, or a
+    remote one read by range requests); `path` names the file in the entries and in errors."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise HeaderError("truncated safetensors file: no 8-byte header length", file=path,
+                          fix="re-download or re-convert this shard")
+    (n,) = struct.unpack("<Q", head)
+    if n == 0 or n > MAX_HEADER or 8 + n > size:
+        raise HeaderError(f"header length {n} does not fit the file ({size} bytes)",
+                          file=path, fix="the file is truncated or not safetensors")
+    raw = f.read(n)
+    if len(raw) < n:
+        raise HeaderError(f"truncated header: {len(raw)} of {n} bytes", file=path,
+                          fix="the file is truncated; re-download it")
     try:
         header = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -123,6 +134,9 @@ class Source:
     formats: list[WeightFormat]        # quantized formats its quantization_config declares
     dtype: str                         # dtype of its unquantized tensors (config torch_dtype)
     tensors: dict[str, TensorInfo] = field(repr=False)
+    hub: HubRepo | None = None         # set for a source given by Hugging Face id (core/hub.py)
+    # tensor -> shard, for shards whose header could not be read (offline, not in the cache)
+    uncached: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def files(self) -> set[Path]:
@@ -152,14 +166,15 @@ class Source:
         return out - {""}
 
 
-def _inside(folder: Path, entry: str, what: str) -> Path:
-    """Resolve an index/shard entry, refusing anything that escapes the folder."""
+def _inside(folder: Path, entry: str, what: str, root: Path) -> Path:
+    """Resolve an index/shard entry, refusing anything that escapes the folder (symlinks may
+    point anywhere under `root`: a Hugging Face cache snapshot links into its repo's blobs/)."""
     if not entry or os.path.isabs(entry) or ".." in Path(entry).parts:
         raise SourceError(f"{what} {entry!r} points outside the checkpoint folder", file=folder,
                           fix="an index may only name files inside its own folder")
     target = folder / entry
-    real_folder = os.path.realpath(folder)
-    if os.path.commonpath([real_folder, os.path.realpath(target)]) != real_folder:
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([real_root, os.path.realpath(target)]) != real_root:
         raise SourceError(f"{what} {entry!r} is a symlink out of the checkpoint folder",
                           file=target, fix="copy the file into the folder instead of linking")
     return target
@@ -203,28 +218,50 @@ def open_source(name: str, path: str | os.PathLike[str]) -> Source:
     if not folder.is_dir():
         raise SourceError(f"source {name!r}: folder does not exist", file=folder,
                           fix="check the path (in the mix config or on the command line)")
+    config = read_config(folder)
+    return assemble(name, folder, config, weight_files(folder))
+
+
+def read_config(folder: Path) -> dict[str, Any]:
     config = _read_json(folder / "config.json")
     if not isinstance(config, dict):
         raise SourceError("config.json is not an object", file=folder / "config.json")
+    return config
+
+
+# Reads one shard's header; None when it is neither on disk nor readable (offline).
+HeaderReader = Callable[[Path], "dict[str, TensorInfo] | None"]
+
+
+def assemble(name: str, folder: Path, config: dict[str, Any], files: dict[str, str] | list[Path],
+             read: HeaderReader = read_header, root: Path | None = None,
+             hub: HubRepo | None = None) -> Source:
+    """A Source from `folder`'s config and the headers of `files` (an index's weight_map, or
+    the shards), each read with `read`."""
     formats = detect(config.get("quantization_config"), folder / "config.json")
-    files = weight_files(folder)
+    root = root or folder
     tensors: dict[str, TensorInfo] = {}
+    uncached: dict[str, str] = {}
     if isinstance(files, dict):
-        headers: dict[str, dict[str, TensorInfo]] = {}
+        headers: dict[str, dict[str, TensorInfo] | None] = {}
         for tensor, entry in files.items():
             if entry not in headers:
-                headers[entry] = read_header(_inside(folder, entry, "index entry"))
-            if tensor not in headers[entry]:
+                headers[entry] = read(_inside(folder, entry, "index entry", root))
+            header = headers[entry]
+            if header is None:
+                uncached[tensor] = entry
+                continue
+            if tensor not in header:
                 raise HeaderError(f"the index puts this tensor in {entry!r}, whose header "
                                   "does not list it", file=folder / INDEX, tensor=tensor,
                                   fix="the index and the shards disagree; re-download both")
-            tensors[tensor] = headers[entry][tensor]
+            tensors[tensor] = header[tensor]
     else:
         for shard in files:
-            for tensor, info in read_header(_inside(folder, shard.name, "shard")).items():
+            for tensor, info in (read(_inside(folder, shard.name, "shard", root)) or {}).items():
                 if tensor in tensors:
                     raise HeaderError(f"tensor is in two shards: {tensors[tensor].file.name} "
                                       f"and {shard.name}", file=folder, tensor=tensor,
                                       fix="remove the stale shard or add an index")
                 tensors[tensor] = info
-    return Source(name, folder, config, formats, torch_dtype_name(config), tensors)
+    return Source(name, folder, config, formats, torch_dtype_name(config), tensors, hub, uncached)

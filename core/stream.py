@@ -17,6 +17,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import SourceError
+from .hub import check_cached
 from .plan import Assignment, Plan
 from .sources import TensorInfo
 
@@ -68,6 +69,7 @@ def planned_bytes(plan: Plan) -> int:
 def stream(plan: Plan, stats: ReadStats | None = None) -> Iterator[tuple[str, Tensor]]:
     """(checkpoint name, tensor) for exactly the planned tensors: each file is opened once and
     only the planned tensors' bytes are read from it, in file order, one read per tensor."""
+    check_cached(plan)   # a hub source planned online may not be fetched yet: say which command
     stats = stats if stats is not None else ReadStats()
     for file, infos in planned_tensors(plan).items():
         fd = os.open(file, os.O_RDONLY)
