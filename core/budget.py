@@ -153,6 +153,7 @@ def plot(path: str | Path, points: list[Point], seeds: list[tuple[Proposal, int,
     ax.set_ylabel("total error (sum of relative squared output errors)")
     ax.set_yscale("symlog", linthresh=max(min((p.error for p in points if p.error > 0),
                                               default=1e-6), 1e-9))
+    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     out = Path(path)

@@ -106,7 +106,9 @@ def capture(folder: str, units: list[Unit], text: str, max_tokens: int = CALIB_T
     hidden states with the router's choices (index, weights)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()   # ours (tqdm over units) is the one that matters
     tok = AutoTokenizer.from_pretrained(folder)
     ids = torch.tensor(tok(text, verbose=False)["input_ids"][:max_tokens])
     if ids.numel() < 2:
