@@ -145,9 +145,9 @@ def _regex(glob_tail: str) -> str:
     return re.escape(glob_tail).replace(re.escape("*"), ".*")
 
 
-def plan_of(inv: Inventory, choice: dict[str, str], file: Path = ANALYZE_FILE) -> Plan:
+def plan_of(inv: Inventory, choice: dict[str, str]) -> Plan:
     """The mix planned by `build_plan` itself, at the inventory's TP (raises if it would fail)."""
-    return build_plan(config_mod.parse(mix_config(inv, choice), file), tp=inv.tp)
+    return build_plan(config_mod.parse(mix_config(inv, choice), ANALYZE_FILE), tp=inv.tp)
 
 
 def write_yaml(path: str | os.PathLike[str], data: dict[str, Any]) -> Path:

@@ -81,7 +81,7 @@ def inventory_table(inv: analyze.Inventory) -> Table:
     return t
 
 
-def _mix_summary(inv: analyze.Inventory, choice: dict[str, str]) -> str:
+def mix_summary(inv: analyze.Inventory, choice: dict[str, str]) -> str:
     by_kind: dict[str, Counter[str]] = defaultdict(Counter)
     for u in inv.units:
         by_kind[u.kind][choice[u.group]] += 1
@@ -135,7 +135,7 @@ def cmd_analyze(args: argparse.Namespace, out: Console) -> int:
     best_seed = min(fits, key=lambda p: scores_mod.total(score, p.choice), default=None)
     out.print(f"[bold]chosen for {human(budget)}[/]: {human(chosen.nbytes)}"
               f"{' per rank' if inv.tp > 1 else ''}, error {chosen.error:.3g} "
-              f"({_mix_summary(inv, chosen.choice)}); planned OK, fingerprint {plan.fingerprint}")
+              f"({mix_summary(inv, chosen.choice)}); planned OK, fingerprint {plan.fingerprint}")
     if best_seed is not None:
         out.print(f"best seed proposal that fits: {best_seed.name}, "
                   f"{human(inv.memory(best_seed.choice))}, error "
