@@ -1,6 +1,6 @@
 """The budget planner vs the seed's one-precision-per-kind mixes, on the tiny model family.
 
-    python bench/analyze_budgets.py [--kind qwen3-moe] [--plot docs/results/analyze-frontier.png]
+    python bench/analyze_budgets.py [--kind qwen3-moe] [--sources DIR...] [--plot frontier.png]
 
 For each seed proposal (attention / MLP / experts each in one format) it measures the weights'
 bytes and the held-out perplexity of the plan's transformers reference (every planned weight
@@ -43,10 +43,13 @@ def window_nll(inv: analyze.Inventory, choice: dict[str, str], ids: torch.Tensor
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kind", default="qwen3-moe", choices=sorted(tiny_family.ARCHS))
-    ap.add_argument("--plot", type=Path, help="frontier PNG for the middle budget")
+    ap.add_argument("--sources", nargs="+", help="checkpoint folders (default: the tiny family's "
+                                                 "bf16, fp8, gptq-int4 and awq-int4 of --kind)")
+    ap.add_argument("--plot", type=Path, help="frontier PNG for the first budget")
     args = ap.parse_args()
     torch.manual_seed(0)
-    specs = [f"tiny:{args.kind}"] + [f"tiny:{args.kind}/{f}" for f in ("fp8", "gptq-int4", "awq-int4")]
+    specs = args.sources or [f"tiny:{args.kind}"] + [f"tiny:{args.kind}/{f}"
+                                                     for f in ("fp8", "gptq-int4", "awq-int4")]
     inv = analyze.inventory(specs)
     t0 = time.perf_counter()
     score = scores.scores(inv, tiny_family.corpus()[0])
@@ -75,8 +78,9 @@ def main() -> None:
     picks = [p for p in props if p.name in ("attention fp8 · experts gptq",
                                             "attention bf16 · experts gptq",
                                             "attention fp8 · experts fp8")]
-    print("\n| budget (= seed mix) | planner's mix | weights | error | held-out ppl | seed ppl "
-          "| Δ NLL / token (± s.e.) |\n| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| budget (= seed mix) | planner's mix | weights | error | held-out ppl | that seed "
+          "mix's ppl | Δ NLL / token vs it (± s.e.) | best seed mix within the budget |"
+          "\n| --- | --- | --- | --- | --- | --- | --- | --- |")
     for i, p in enumerate(picks):
         cap = inv.memory(p.choice)
         chosen = budget.choose(inv, score, cap)
@@ -85,9 +89,11 @@ def main() -> None:
         diff = (nll[name] - nll[p.name]) / counts   # per token, window by window
         se = float(diff.std()) / math.sqrt(len(diff))
         mix = mix_summary(inv, chosen.choice)
+        best = min((r for r in seed_rows.values() if r[0] <= cap), key=lambda r: r[2])
         print(f"| {human(cap)} ({p.name}) | {mix} | {human(m)} | {e:.4f} | {ppl:.3f} | "
-              f"{seed_rows[p.name][2]:.3f} | {float(diff.mean()):+.4f} ± {se:.4f} |")
-        if args.plot and i == 1:
+              f"{seed_rows[p.name][2]:.3f} | {float(diff.mean()):+.4f} ± {se:.4f} | "
+              f"{best[2]:.3f} ({human(best[0])}) |")
+        if args.plot and i == 0:
             seeds = [(q, inv.memory(q.choice), scores.total(score, q.choice)) for q in props]
             budget.plot(args.plot, budget.frontier(inv, score), seeds, chosen, cap)
 

@@ -139,11 +139,11 @@ def plot(path: str | Path, points: list[Point], seeds: list[tuple[Proposal, int,
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     ax.plot([p.nbytes / scale for p in points], [p.error for p in points], "-", color="tab:blue",
             lw=1.2, label="budget planner frontier")
-    for i, (prop, nbytes, err) in enumerate(seeds):
+    for i, (prop, nbytes, err) in enumerate(sorted(seeds, key=lambda s: s[1])):
         ax.scatter(nbytes / scale, err, marker="s", color="tab:orange", zorder=3,
                    label="seed proposals (one precision per kind)" if i == 0 else None)
-        ax.annotate(prop.name, (nbytes / scale, err), fontsize=7, xytext=(4, 4),
-                    textcoords="offset points")
+        ax.annotate(prop.name, (nbytes / scale, err), fontsize=7,   # alternate: names overlap
+                    xytext=(4, 4 if i % 2 else -10), textcoords="offset points")
     if chosen is not None:
         ax.scatter(chosen.nbytes / scale, chosen.error, marker="*", s=220, color="tab:red",
                    zorder=4, label=f"chosen: {human(chosen.nbytes)}")

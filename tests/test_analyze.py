@@ -9,9 +9,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mixload.core import analyze, budget, config, scores, tiny_family
+from mixload.core import analyze, budget, config, header_only, scores, tiny_family
 from mixload.core.errors import ConfigError
+from mixload.core.formats import Fp8, Gptq
 from mixload.core.plan import build_plan
+
+from conftest import SMALL_MOE
 
 GiB = 2**30
 
@@ -69,6 +72,21 @@ def test_per_rank_memory_and_tp_rules_come_from_the_plan(qwen3_30b: dict[str, Pa
     plan = analyze.plan_of(inv, choice)
     assert inv.memory(choice) == plan.memory()["per_rank_bytes"]
     assert [p.name for p in analyze.proposals(inv)] == ["attention bf16 · experts bf16"]
+
+
+def test_dense_models_get_mlp_units_and_proposals(tmp_path: Path) -> None:
+    dense = {k: v for k, v in SMALL_MOE.items() if k not in ("num_experts", "num_experts_per_tok",
+                                                             "moe_intermediate_size")}
+    dense["architectures"] = ["Qwen3ForCausalLM"]
+    family = header_only.write_family(tmp_path, dense, {"bf16": None, "fp8": Fp8(), "gptq": Gptq()})
+    inv = analyze.inventory([str(family[k]) for k in ("gptq", "bf16", "fp8")])
+    assert inv.base == "bf16"   # the unquantized source, wherever it is given
+    assert [u.group.split(".", 3)[-1] for u in inv.units if u.layer == 0] == \
+        ["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"]
+    names = [p.name for p in analyze.proposals(inv)]
+    assert "attention bf16 · mlp fp8" in names and len(names) == 6
+    for p in analyze.proposals(inv):
+        assert inv.memory(p.choice) == analyze.plan_of(inv, p.choice).memory()["total_bytes"]
 
 
 # ---- the budget planner --------------------------------------------------------------------------
