@@ -1,4 +1,5 @@
-"""mixload plan | check | explain | fetch | build | serve | convert | schema — bad input exits 2 with a message, never a traceback."""
+"""mixload plan | check | explain | fetch | build | serve | convert | analyze | schema — bad input
+exits 2 with a message, never a traceback."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +9,7 @@ import sys
 from rich.console import Console
 from rich.markup import escape
 
-from . import config as config_mod
+from . import analyze_cli, config as config_mod
 from .config import NormalizedRule
 from .errors import ConfigError, MixloadError
 from .plan import Plan, build_plan
@@ -131,11 +132,13 @@ def parser() -> argparse.ArgumentParser:
     conv.add_argument("--scale-dtype", choices=["F32", "BF16", "F16"], help="default: the format's usual")
     conv.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
     conv.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    analyze_cli.add_parser(sub)
     return p
 
 
 COMMANDS = {"plan": cmd_plan, "check": cmd_check, "explain": cmd_explain, "schema": cmd_schema,
-            "convert": cmd_convert, "build": cmd_build, "serve": cmd_serve, "fetch": cmd_fetch}
+            "convert": cmd_convert, "build": cmd_build, "serve": cmd_serve, "fetch": cmd_fetch,
+            "analyze": analyze_cli.cmd_analyze}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -298,6 +298,15 @@ def _in_layers(layers: list[int | None]) -> str:
     return f" in {len(known)} layer{'s' if len(known) > 1 else ''} ({_ranges(known)})"
 
 
+def shard_problems(a: Assignment, tp: int, ep: int) -> list[str]:
+    """Why this module can't be split over TP (EP) ranks in its format (empty if it can)."""
+    m = a.module
+    if not m.linear or m.parallel not in ("column", "row"):
+        return []
+    split = 1 if (m.kind == "experts" and ep > 1) else (min(tp, m.heads) if m.heads else tp)
+    return a.format.tp_problems(m.shape[0], m.shape[1], m.parallel, split)
+
+
 def _tp_problems(plan_rows: list[Assignment], config: dict[str, Any], tp: int, ep: int,
                  file: object) -> list[MixloadError]:
     problems: list[MixloadError] = []
@@ -317,12 +326,8 @@ def _tp_problems(plan_rows: list[Assignment], config: dict[str, Any], tp: int, e
     # One problem per (module kind, reason), not per layer: a 94-layer model would list 94.
     seen: dict[tuple[str, str], list[Module]] = defaultdict(list)
     for a in plan_rows:
-        m = a.module
-        if not m.linear or m.parallel not in ("column", "row"):
-            continue
-        split = 1 if (m.kind == "experts" and ep > 1) else (min(tp, m.heads) if m.heads else tp)
-        for why in a.format.tp_problems(m.shape[0], m.shape[1], m.parallel, split):
-            seen[(_any_layer(m.group), why)].append(m)
+        for why in shard_problems(a, tp, ep):
+            seen[(_any_layer(a.module.group), why)].append(a.module)
     for (group, why), mods in seen.items():
         short = sorted({_short(m.name) for m in mods})
         where = (f"{group} ({', '.join(short[:3])}{' …' if len(short) > 3 else ''})"

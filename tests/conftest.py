@@ -33,6 +33,12 @@ def small_moe(tmp_path: Path) -> dict[str, Path]:
                                     {"bf16": None, "fp8": Fp8(), "gptq": Gptq()})
 
 
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A mixload cache for the session: the tiny family is built into it once (~1.5 min)."""
+    return tmp_path_factory.mktemp("mixload-cache")
+
+
 def write_yaml(path: Path, data: dict) -> Path:
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

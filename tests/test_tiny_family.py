@@ -18,13 +18,8 @@ KINDS = sorted(tiny_family.ARCHS)
 
 
 @pytest.fixture(scope="session")
-def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("mixload-cache")
-
-
-@pytest.fixture(scope="session")
-def family(cache: Path) -> dict[str, Path]:
-    return {kind: tiny_family.ensure(kind, cache) for kind in KINDS}
+def family(tiny_cache: Path) -> dict[str, Path]:
+    return {kind: tiny_family.ensure(kind, tiny_cache) for kind in KINDS}
 
 
 def test_corpus_is_deterministic_with_a_small_held_out_tail():
@@ -35,9 +30,10 @@ def test_corpus_is_deterministic_with_a_small_held_out_tail():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_folder_is_a_bf16_checkpoint_in_the_cache(family: dict[str, Path], cache: Path, kind: str):
+def test_folder_is_a_bf16_checkpoint_in_the_cache(family: dict[str, Path], tiny_cache: Path,
+                                                  kind: str):
     folder = family[kind]
-    assert folder == cache / "tiny" / tiny_family.fingerprint() / f"{kind}-bf16"
+    assert folder == tiny_cache / "tiny" / tiny_family.fingerprint() / f"{kind}-bf16"
     names = {p.name for p in folder.iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
             "tokenizer_config.json", "special_tokens_map.json"} <= names
@@ -111,10 +107,10 @@ def test_greedy_generation_continues_a_prompt(family: dict[str, Path], kind: str
 
 
 def test_ensure_twice_returns_the_same_folder_without_retraining(family: dict[str, Path],
-                                                                 cache: Path):
+                                                                 tiny_cache: Path):
     stamp = (family["qwen3"] / "model.safetensors").stat().st_mtime_ns
     t0 = time.perf_counter()
-    assert tiny_family.ensure("qwen3", cache) == family["qwen3"]
+    assert tiny_family.ensure("qwen3", tiny_cache) == family["qwen3"]
     assert time.perf_counter() - t0 < 1.0
     assert (family["qwen3"] / "model.safetensors").stat().st_mtime_ns == stamp
 
@@ -151,7 +147,7 @@ def test_a_failed_build_leaves_nothing_that_looks_complete(tmp_path: Path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_converted_siblings_keep_the_held_out_perplexity(family: dict[str, Path], cache: Path):
+def test_converted_siblings_keep_the_held_out_perplexity(family: dict[str, Path], tiny_cache: Path):
     """The FP8 and GPTQ-int4 siblings still model the text: held-out perplexity within 2 % of
     BF16. (Measured 56.65 / 56.67 / 56.61: on this tiny model int4 RTN is inside the noise, so
     the BF16 <= FP8 < INT4 ranking of a large model is not asserted.)"""
@@ -165,7 +161,7 @@ def test_converted_siblings_keep_the_held_out_perplexity(family: dict[str, Path]
     ids = torch.tensor(tok.encode(tiny_family.corpus()[1]).ids[:2048])
     ppl = {}
     for to in ("bf16", "fp8", "gptq-int4"):
-        folder = tiny_family.resolve(f"qwen3-moe/{to}", cache)
+        folder = tiny_family.resolve(f"qwen3-moe/{to}", tiny_cache)
         plan = build_plan(config.parse({"sources": {to: str(folder)}}, folder / "mix.yaml"))
         ppl[to] = reference.perplexity(reference.reference_model(plan), ids)
     assert ppl["bf16"] < 100
