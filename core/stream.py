@@ -17,16 +17,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import SourceError
+from .formats.base import torch_dtype
 from .hub import check_cached
 from .plan import Assignment, Plan
 from .sources import TensorInfo
 
 Tensor = torch.Tensor
-# Every dtype a validated header may hold (sources.DTYPE_BYTES).
-TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16,
-                "F16": torch.float16, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-                "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                "U8": torch.uint8, "BOOL": torch.bool}
 SPARSE_USE = 0.5   # below this share of a file's bytes, the file is read without read-ahead
 
 
@@ -101,7 +97,7 @@ def _read(fd: int, file: Path, info: TensorInfo) -> Tensor:
             raise SourceError(f"the file ends inside tensor {info.name}", file=file,
                               tensor=info.name, fix="the shard is truncated: re-download it")
         got += n
-    dtype = TORCH_DTYPES[info.dtype]
+    dtype = torch_dtype(info.dtype)
     if not buf:
         return torch.empty(info.shape, dtype=dtype)
     return torch.frombuffer(buf, dtype=dtype).view(info.shape)

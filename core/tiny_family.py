@@ -241,6 +241,35 @@ def ensure(kind: str, cache_dir: Path | None = None) -> Path:
     return _atomic(root / f"{kind}-bf16", lambda tmp: _build_model(kind, tok_dir, tmp))
 
 
+def write_random(folder: Path, config: Any, seed: int = 0) -> dict[str, "torch.Tensor"]:
+    """An untrained BF16 checkpoint of a transformers `config` (weights N(0, 0.05)), laid out
+    like the hub's: one tensor per expert, `num_experts` in config.json. For tests that need
+    several different checkpoints of one architecture in seconds. Returns what it wrote."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    sd = {k: (torch.randn(v.shape) * 0.05).to(torch.bfloat16) for k, v in model.state_dict().items()}
+    # transformers 5 holds the experts of a layer as one fused 3-D parameter; hub files don't.
+    for k in [k for k in sd if k.endswith("mlp.experts.gate_up_proj")]:
+        pre = k.removesuffix("gate_up_proj")
+        gate_up, down = sd.pop(k), sd.pop(pre + "down_proj")
+        inter = gate_up.shape[1] // 2
+        for e in range(gate_up.shape[0]):
+            sd[f"{pre}{e}.gate_proj.weight"] = gate_up[e, :inter].clone()
+            sd[f"{pre}{e}.up_proj.weight"] = gate_up[e, inter:].clone()
+            sd[f"{pre}{e}.down_proj.weight"] = down[e].clone()
+    folder.mkdir(parents=True)
+    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    cfg = config.to_dict()
+    if "num_local_experts" in cfg:   # transformers 5's spelling; hub configs say num_experts
+        cfg["num_experts"] = cfg.pop("num_local_experts")
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return sd
+
+
 def perplexity(model_dir: Path, text: str, window: int = 128) -> float:
     """Held-out perplexity of a model folder on `text` (transformers, float32)."""
     import torch

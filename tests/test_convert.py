@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from transformers import (AutoModelForCausalLM, PretrainedConfig, PreTrainedTokenizerFast,
                           Qwen3Config, Qwen3MoeConfig)
 
@@ -21,6 +20,7 @@ from mixload.core.convert import QUANTIZED_KINDS, REPORT, TARGETS, convert, targ
 from mixload.core.errors import ConfigError, SourceError
 from mixload.core.formats import Unquantized
 from mixload.core.sources import Source, open_source
+from mixload.core.tiny_family import write_random
 
 COMMON = dict(hidden_size=256, num_hidden_layers=2, num_attention_heads=4, head_dim=64,
               num_key_value_heads=2, vocab_size=512, tie_word_embeddings=False,
@@ -45,26 +45,9 @@ def write_tokenizer(folder: Path) -> None:
 
 
 def write_checkpoint(folder: Path, config: PretrainedConfig) -> dict[str, torch.Tensor]:
-    """A random BF16 checkpoint laid out like the hub's (one tensor per expert)."""
-    folder.mkdir(parents=True)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    sd = {k: (torch.randn(v.shape) * 0.05).to(torch.bfloat16) for k, v in model.state_dict().items()}
-    # transformers 5 holds the experts of a layer as one fused 3-D parameter; hub files don't.
-    for k in [k for k in sd if k.endswith("mlp.experts.gate_up_proj")]:
-        pre = k.removesuffix("gate_up_proj")
-        gate_up, down = sd.pop(k), sd.pop(pre + "down_proj")
-        inter = gate_up.shape[1] // 2
-        for e in range(gate_up.shape[0]):
-            sd[f"{pre}{e}.gate_proj.weight"] = gate_up[e, :inter].clone()
-            sd[f"{pre}{e}.up_proj.weight"] = gate_up[e, inter:].clone()
-            sd[f"{pre}{e}.down_proj.weight"] = down[e].clone()
-    save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
-    cfg = config.to_dict()
-    # transformers 5 writes num_local_experts; hub configs (and the catalog) say num_experts.
-    if "num_local_experts" in cfg:
-        cfg["num_experts"] = cfg.pop("num_local_experts")
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    """A random BF16 checkpoint laid out like the hub's (one tensor per expert), with a
+    tokenizer and generation config like a published one."""
+    sd = write_random(folder, config)
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))
     write_tokenizer(folder)
     return sd

@@ -126,10 +126,12 @@ def _numel(shape: tuple[int, ...]) -> int:
 # ---- helpers shared by quantize / dequantize (torch imported lazily, see the module docstring)
 
 def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a safetensors dtype name."""
+    """The torch dtype of a safetensors dtype name (any of DTYPE_BYTES)."""
     import torch
-    return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-            "F8_E4M3": torch.float8_e4m3fn, "I32": torch.int32, "I64": torch.int64}[name]
+    return {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16,
+            "F16": torch.float16, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+            "U8": torch.uint8, "BOOL": torch.bool}[name]
 
 
 def stored_scale(scale: Tensor, dtype: ScaleDtype) -> Tensor:

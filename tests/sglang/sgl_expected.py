@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from safetensors import safe_open
@@ -68,9 +69,15 @@ def mismatches(model: torch.nn.Module, plan: Plan) -> tuple[list[str], list[str]
     """(parameters that differ from the plan, parameters no planned tensor backs, checked)."""
     ckpt = planned_tensors(plan)
     num_experts = int(plan.sources[plan.config.base].config.get("num_experts") or 0)
+    return _compare(model, lambda name, p: expected(name, p, ckpt, num_experts))
+
+
+def _compare(model: torch.nn.Module,
+             expect: Callable[[str, torch.Tensor], torch.Tensor | None]
+             ) -> tuple[list[str], list[str], int]:
     bad, unbacked, checked = [], [], 0
     for name, p in model.named_parameters():
-        want = expected(name, p, ckpt, num_experts)
+        want = expect(name, p)
         if want is None:
             unbacked.append(name)
             continue
@@ -115,20 +122,7 @@ def rank_mismatches(model: torch.nn.Module, plan: Plan, tp_rank: int, tp: int, m
                     moe_tp: int, experts: list[int]) -> tuple[list[str], list[str], int]:
     """`mismatches` for one rank of a TP / EP group: its shards, its local experts."""
     ckpt = rank_tensors(plan, planned_tensors(plan), tp_rank, tp, moe_tp_rank, moe_tp)
-    bad, unbacked, checked = [], [], 0
-    for name, p in model.named_parameters():
-        want = _expected_local(name, p, ckpt, experts)
-        if want is None:
-            unbacked.append(name)
-            continue
-        checked += 1
-        if _cast_loses_bits(want, p):
-            bad.append(f"{name} ({want.dtype} stored as {p.dtype})")
-            continue
-        want = want.to(p.dtype)
-        if want.shape != p.shape or not torch.equal(bits(p.data), bits(want)):
-            bad.append(name)
-    return bad, unbacked, checked
+    return _compare(model, lambda name, p: _expected_local(name, p, ckpt, experts))
 
 
 def _expected_local(name: str, param: torch.Tensor, ckpt: dict[str, torch.Tensor],

@@ -2,13 +2,11 @@
 state set up the way its scheduler does (conftest.py imports this only when SGLang is there)."""
 from __future__ import annotations
 
-import json
 import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import yaml
 
 # hidden 256, head_dim 128, 4 heads / 2 KV heads, 2 layers, vocab 1024, 8 experts top-2:
@@ -30,30 +28,13 @@ QUANTIZED = {"fp8": "fp8", "gptq": "gptq-int4", "awq": "awq-int4"}
 
 def _write_bf16(folder: Path, arch: str, seed: int) -> Path:
     """A random BF16 checkpoint laid out like the hub's (one tensor per expert)."""
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3MoeConfig
+    from transformers import Qwen3Config, Qwen3MoeConfig
+
+    from mixload.core.tiny_family import write_random
 
     spec = HYBRID if arch == "qwen3-hybrid" else ARCH[arch]
     cls = Qwen3MoeConfig if "num_experts" in spec else Qwen3Config
-    config = cls(**COMMON, **spec, torch_dtype="bfloat16")
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    sd = {k: (torch.randn(v.shape) * 0.05).to(torch.bfloat16) for k, v in model.state_dict().items()}
-    for k in [k for k in sd if k.endswith("mlp.experts.gate_up_proj")]:
-        pre = k.removesuffix("gate_up_proj")
-        gate_up, down = sd.pop(k), sd.pop(pre + "down_proj")
-        inter = gate_up.shape[1] // 2
-        for e in range(gate_up.shape[0]):
-            sd[f"{pre}{e}.gate_proj.weight"] = gate_up[e, :inter].clone()
-            sd[f"{pre}{e}.up_proj.weight"] = gate_up[e, inter:].clone()
-            sd[f"{pre}{e}.down_proj.weight"] = down[e].clone()
-    folder.mkdir(parents=True)
-    save_file(sd, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    cfg = config.to_dict()
-    if "num_local_experts" in cfg:   # transformers 5 spelling; hub configs say num_experts
-        cfg["num_experts"] = cfg.pop("num_local_experts")
-    cfg["architectures"] = spec["architectures"]
-    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    write_random(folder, cls(**COMMON, **spec, torch_dtype="bfloat16"), seed)
     return folder
 
 

@@ -10,7 +10,6 @@ import vllm_support as vs
 from vllm import LLM
 
 from mixload.adapters.vllm.loader import report_of
-from mixload.core.build import build
 from mixload.core.plan import Plan
 
 MIX = {"sources": {"a": "{bf16}", "b": "{bf16-b}"},
@@ -22,11 +21,7 @@ MIX = {"sources": {"a": "{bf16}", "b": "{bf16-b}"},
 @pytest.fixture(scope="module")
 def served(dense: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[tuple[LLM, Plan]]:
-    tmp = tmp_path_factory.mktemp("bf16-mix")
-    mix = vs.write_mix(tmp / "mix.yaml", vs.fill(MIX, dense))
-    llm = vs.start(build(mix, tmp / "model"))
-    yield llm, vs.plan_of(mix)
-    vs.stop(llm)
+    yield from vs.serve(MIX, dense, tmp_path_factory.mktemp("bf16-mix"))
 
 
 def test_greedy_tokens_equal_the_reference(served: tuple[LLM, Plan]) -> None:

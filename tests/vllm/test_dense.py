@@ -11,7 +11,6 @@ import vllm_support as vs
 from vllm import LLM
 
 from mixload.adapters.vllm.loader import LoadReport, report_of
-from mixload.core.build import build
 from mixload.core.plan import Plan
 
 pytestmark = vs.needs_int4_linear
@@ -27,13 +26,7 @@ MIX = {"sources": {"bf16": "{bf16}", "gptq": "{gptq}", "awq": "{awq}"},
 @pytest.fixture(scope="module")
 def served(dense: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[tuple[LLM, Plan]]:
-    """One engine for the module (a start costs ~15 s)."""
-    tmp = tmp_path_factory.mktemp("dense-mix")
-    mix = vs.write_mix(tmp / "mix.yaml", vs.fill(MIX, dense))
-    folder = build(mix, tmp / "model")
-    llm = vs.start(folder)
-    yield llm, vs.plan_of(mix)
-    vs.stop(llm)
+    yield from vs.serve(MIX, dense, tmp_path_factory.mktemp("dense-mix"))
 
 
 def test_greedy_tokens_equal_the_reference(served: tuple[LLM, Plan]) -> None:

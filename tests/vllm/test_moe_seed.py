@@ -12,7 +12,6 @@ import vllm_support as vs
 from vllm import LLM
 
 from mixload.adapters.vllm.loader import report_of
-from mixload.core.build import build
 from mixload.core.plan import Plan
 
 pytestmark = vs.needs_int4_linear
@@ -35,11 +34,7 @@ SEED = {"mixed_precision": {
 @pytest.fixture(scope="module")
 def served(moe: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[tuple[LLM, Plan]]:
-    tmp = tmp_path_factory.mktemp("moe-seed")
-    mix = vs.write_mix(tmp / "seed.yaml", vs.fill(SEED, moe))
-    llm = vs.start(build(mix, tmp / "model"))
-    yield llm, vs.plan_of(mix)
-    vs.stop(llm)
+    yield from vs.serve(SEED, moe, tmp_path_factory.mktemp("moe-seed"), "seed.yaml")
 
 
 def test_plan_keeps_split_experts_in_bf16(served: tuple[LLM, Plan]) -> None:

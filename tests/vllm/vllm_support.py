@@ -3,6 +3,7 @@ through vLLM and through the transformers reference of the same plan."""
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 import yaml
 
+from mixload.core.build import build
 from mixload.core.config import load
 from mixload.core.convert import convert
 from mixload.core.plan import Plan, build_plan
@@ -126,6 +128,16 @@ def start(folder: Path, **engine_args: Any) -> Any:
 
 def stop(llm: Any) -> None:
     llm.llm_engine.engine_core.shutdown()
+
+
+def serve(doc: dict[str, Any], paths: dict[str, Path], tmp: Path,
+          name: str = "mix.yaml") -> Iterator[tuple[Any, Plan]]:
+    """A module fixture's body: the mix written, built and served, stopped afterwards (one
+    engine per test module: a start costs ~15 s)."""
+    mix = write_mix(tmp / name, fill(doc, paths))
+    llm = start(build(mix, tmp / "model"))
+    yield llm, plan_of(mix)
+    stop(llm)
 
 
 def greedy(llm: Any) -> list[tuple[list[int], list[float]]]:
