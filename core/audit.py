@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import AuditError, MixloadError
-from .formats.base import torch_dtype
+from .formats.base import safetensors_dtype
 from .formats.gptq import sequential_groups
 from .plan import Assignment, Plan
 
@@ -30,12 +30,11 @@ _SENTINEL_BYTE = 0xA5
 # check, while any unwritten piece (at least one group row of one shard) is far above it.
 _CHANCE = 2.0**-20
 _COUNT_CHUNK = 2**24   # elements per slice in `unfilled`: 16 MB of mask, 128 MB of int64
-_DTYPE_NAMES = {torch_dtype(n): n for n in ("F32", "BF16", "F16", "F8_E4M3", "I32", "I64")}
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     """The safetensors name of a torch dtype ("BF16", "I32", ...), as plans spell them."""
-    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    return safetensors_dtype(dtype) or str(dtype).removeprefix("torch.")
 
 
 def _int_sentinel(dtype: torch.dtype) -> int:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .catalog import Module, modules
 from .errors import ConfigError, MixloadError, SourceError
 from .formats import Awq, CtFp8, CtInt4, Fp8, Gptq, WeightFormat
-from .formats.base import ScaleDtype
+from .formats.base import ScaleDtype, safetensors_dtype
 from .sources import INDEX, Source, open_source
 
 if TYPE_CHECKING:
@@ -196,12 +196,6 @@ def summary(errors: dict[str, float], linear: dict[str, Module], fmt: WeightForm
 
 # ---- safetensors, written tensor by tensor
 
-_DTYPE_NAMES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16",
-                "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "float64": "F64",
-                "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
-                "bool": "BOOL"}
-
-
 class ShardWriter:
     """Writes safetensors shards of at most `max_bytes` of data (one tensor may exceed it).
 
@@ -226,7 +220,7 @@ class ShardWriter:
         if self._data is None:
             self._data = open(self.folder / f".shard-{len(self._shards)}.data", "wb")
             self._header, self._size = {}, 0
-        self._header[name] = {"dtype": _DTYPE_NAMES[str(t.dtype).removeprefix("torch.")],
+        self._header[name] = {"dtype": safetensors_dtype(t.dtype),
                               "shape": list(t.shape),
                               "data_offsets": [self._size, self._size + data.nbytes]}
         self._data.write(data.tobytes())

@@ -10,6 +10,7 @@ safetensors headers and must neither need torch installed nor pay its import tim
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import cache
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -125,6 +126,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 # ---- helpers shared by quantize / dequantize (torch imported lazily, see the module docstring)
 
+@cache   # called per tensor on the load path
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of a safetensors dtype name (any of DTYPE_BYTES)."""
     import torch
@@ -132,6 +134,12 @@ def torch_dtype(name: str) -> torch.dtype:
             "F16": torch.float16, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
             "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
             "U8": torch.uint8, "BOOL": torch.bool}[name]
+
+
+@cache
+def safetensors_dtype(dtype: torch.dtype) -> str | None:
+    """The safetensors name of a torch dtype ("BF16", "I32", ...); None if it has none."""
+    return next((n for n in DTYPE_BYTES if torch_dtype(n) == dtype), None)
 
 
 def stored_scale(scale: Tensor, dtype: ScaleDtype) -> Tensor:
