@@ -20,6 +20,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -56,7 +57,7 @@ ARCHS: dict[str, dict[str, Any]] = {
 # one model with attention, a dense MLP and experts, for mixes that give each its own precision.
 ARCHS["qwen3-hybrid"] = dict(ARCHS["qwen3-moe"], mlp_only_layers=[0])
 
-# Chosen by measurement on 2 idle CPU cores (bf16 autocast): ~85 s to build both. Batch 4 beat
+# Chosen by measurement on 2 idle CPU cores: batch 4 beat
 # batch 8 at equal tokens and batch 2 at equal time; learning rates of 3e-3 and up, and
 # zero-initialised output layers, did worse. The MoE costs ~1.8x per token (routing, grouped
 # matmuls), so it gets fewer steps; 450 instead of 500 cost it 12 points of perplexity.
@@ -125,6 +126,7 @@ def train(kind: str, ids: "torch.Tensor") -> "PreTrainedModel":
     On the GPU machine it trains on the GPU (seconds instead of a minute of device time); its
     weights then differ from a CPU build's in the last bits, which is fine for a local cache."""
     import torch
+    from tqdm import tqdm
     from transformers import AutoModelForCausalLM
 
     hp = TRAIN[kind]
@@ -153,11 +155,15 @@ def train(kind: str, ids: "torch.Tensor") -> "PreTrainedModel":
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     gen = torch.Generator().manual_seed(hp["seed"])
     T, B = hp["seq_len"], hp["batch"]
-    for _ in range(steps):
+    # The first use of a `tiny:` source trains for minutes: show it (stderr; a bar on a terminal).
+    for _ in tqdm(range(steps), desc=f"mixload: training the tiny {kind} (first use, cached)",
+                  unit="step", mininterval=5, file=sys.stderr):
         starts = torch.randint(0, len(ids) - T, (B,), generator=gen)
         x = torch.stack([ids[s:s + T] for s in starts.tolist()]).to(device)
-        # bf16 autocast: ~1.5x faster on CPUs with avx512_bf16; master weights stay float32.
-        with torch.autocast(device, dtype=torch.bfloat16):
+        # bf16 autocast on the GPU only: a CPU without native bf16 (AVX2-only) runs bf16 matmuls
+        # ~50x slower than fp32 (avx512_bf16 gains only ~1.15x), and fp32 gives every CPU kind
+        # the same weights up to float rounding.
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
             loss = model(input_ids=x, labels=x, **aux).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), hp["clip"])
@@ -200,11 +206,11 @@ def _atomic(dest: Path, build: Callable[[Path], None]) -> Path:
     return dest
 
 
-def _tokenizer_folder(root: Path) -> Path:
-    """The tokenizer, built once per fingerprint and shared by every model."""
+def tokenizer_folder(cache_dir: Path | None = None) -> Path:
+    """The family's tokenizer files, built once per fingerprint and shared by every model."""
     def build(tmp: Path) -> None:
         save_tokenizer(train_tokenizer(corpus()[0]), tmp)
-    return _atomic(root / "tokenizer", build)
+    return _atomic(cache_root(cache_dir) / "tiny" / fingerprint() / "tokenizer", build)
 
 
 def _build_model(kind: str, tok_dir: Path, out: Path) -> None:
@@ -236,9 +242,8 @@ def ensure(kind: str, cache_dir: Path | None = None) -> Path:
     """The folder of the BF16 `kind` ('qwen3', 'qwen3-moe', 'qwen3-hybrid'), trained on first use."""
     if kind not in ARCHS:
         raise ValueError(f"unknown tiny model {kind!r}; known: {sorted(ARCHS)}")
-    root = cache_root(cache_dir) / "tiny" / fingerprint()
-    tok_dir = _tokenizer_folder(root)
-    return _atomic(root / f"{kind}-bf16", lambda tmp: _build_model(kind, tok_dir, tmp))
+    tok_dir = tokenizer_folder(cache_dir)
+    return _atomic(tok_dir.parent / f"{kind}-bf16", lambda tmp: _build_model(kind, tok_dir, tmp))
 
 
 def write_random(folder: Path, config: Any, seed: int = 0) -> dict[str, "torch.Tensor"]:

