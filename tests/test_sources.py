@@ -87,6 +87,54 @@ def test_lying_headers(tmp_path: Path, header: dict, data: bytes, why: str) -> N
     assert "m.safetensors" in str(err.value)
 
 
+F32 = '"dtype": "F32", "shape": [1]'
+# Headers the safetensors format forbids (its own parser refuses most of them; a name written
+# twice it silently resolves to the last entry): each is a HeaderError naming file and tensor.
+FORBIDDEN = {
+    "name twice": ('{"a": {%s, "data_offsets": [0, 4]}, "a": {%s, "data_offsets": [4, 8]}}'
+                   % (F32, F32), 8, "lists 'a' twice", "a"),
+    "field twice": ('{"a": {%s, "data_offsets": [0, 4], "dtype": "F32"}}' % F32, 4,
+                    "writes 'dtype' twice", "a"),
+    "hole": ('{"a": {%s, "data_offsets": [0, 4]}, "b": {%s, "data_offsets": [8, 12]}}'
+             % (F32, F32), 12, "a hole: 4 bytes", "b"),
+    "hole at the start": ('{"a": {%s, "data_offsets": [4, 8]}}' % F32, 8, "a hole", "a"),
+    "bytes after the last tensor": ('{"a": {%s, "data_offsets": [0, 4]}}' % F32, 8,
+                                    "4 bytes after the last tensor", "a"),
+    "non-string metadata": ('{"__metadata__": {"step": 3}, "a": {%s, "data_offsets": [0, 4]}}'
+                            % F32, 4, r"__metadata__\['step'\] is a JSON number", None),
+    "metadata key twice": ('{"__metadata__": {"k": "1", "k": "2"}, '
+                           '"a": {%s, "data_offsets": [0, 4]}}' % F32, 4, "writes 'k' twice", None),
+    "boolean dim": ('{"a": {"dtype": "F32", "shape": [true], "data_offsets": [0, 4]}}', 4,
+                    "not a list of non-negative integers", "a"),
+    "float dim": ('{"a": {"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]}}', 4,
+                  "not a list of non-negative integers", "a"),
+    "zero dim hiding an overflow": ('{"a": {"dtype": "F32", "shape": [0, 4294967296, 4294967296],'
+                                    ' "data_offsets": [0, 0]}}', 0, "overflows 64 bits", "a"),
+    "NaN": ('{"a": {%s, "data_offsets": [0, 4], "x": NaN}}' % F32, 4, "not valid JSON", None),
+    "not an object": ('[{"a": 1}]', 0, "a JSON array, not an object", None),
+}
+
+
+@pytest.mark.parametrize("text,data,why,tensor", FORBIDDEN.values(), ids=FORBIDDEN.keys())
+def test_headers_safetensors_forbids(tmp_path: Path, text: str, data: int, why: str,
+                                     tensor: str | None) -> None:
+    path = tmp_path / "m.safetensors"
+    raw = text.encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * data)
+    with pytest.raises(HeaderError, match=why) as err:
+        read_header(path)
+    assert err.value.file == path and err.value.tensor == tensor and err.value.fix
+
+
+def test_what_safetensors_accepts_is_accepted(tmp_path: Path) -> None:
+    """Null metadata, an empty file, zero-size tensors and unknown fields are all valid."""
+    path = _write_raw(tmp_path / "m.safetensors", {
+        "__metadata__": None, "z": {"dtype": "F32", "shape": [0, 5], "data_offsets": [0, 0]},
+        "a": {"dtype": "BF16", "shape": [2], "data_offsets": [0, 4], "note": {"k": 1}}}, b"\0" * 4)
+    assert {n: t.shape for n, t in read_header(path).items()} == {"z": (0, 5), "a": (2,)}
+    assert read_header(_write_raw(tmp_path / "e.safetensors", {}, b"")) == {}
+
+
 def test_truncated_files(tmp_path: Path) -> None:
     p = tmp_path / "m.safetensors"
     p.write_bytes(b"\x01\x02")
