@@ -43,8 +43,21 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     try:
         with open(path, "rb") as f:
             return parse_header(f, os.fstat(f.fileno()).st_size, path)
+    except IsADirectoryError:
+        raise SourceError("this shard is a folder, not a safetensors file", file=path,
+                          fix="remove or rename the folder and download the shard it stands "
+                              "for (or re-download the checkpoint)") from None
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise SourceError(f"this shard is a dangling symlink (to {os.readlink(path)})",
+                              file=path, fix="the file it points to is gone (an interrupted "
+                                             "download or a cleaned cache): re-download the "
+                                             "shard") from None
+        raise SourceError("the index names this shard and it is missing", file=path,
+                          fix="download the missing shard (or re-download the checkpoint)") from None
     except OSError as exc:
-        raise SourceError(f"can't read: {exc.strerror}", file=path) from None
+        raise SourceError(f"can't read: {exc.strerror}", file=path,
+                          fix="check the file's permissions and the disk") from None
 
 
 def parse_header(f: BinaryIO, size: int, path: Path) -> dict[str, TensorInfo]:
@@ -263,8 +276,15 @@ def _read_json(path: Path) -> Any:
     except FileNotFoundError:
         raise SourceError("missing file", file=path,
                           fix="a checkpoint folder needs config.json and safetensors weights") from None
-    except (OSError, orjson.JSONDecodeError) as exc:
-        raise SourceError(f"can't parse JSON: {exc}", file=path) from None
+    except IsADirectoryError:
+        raise SourceError("a folder where a JSON file belongs", file=path,
+                          fix=f"replace the folder with the checkpoint's {path.name}") from None
+    except OSError as exc:
+        raise SourceError(f"can't read: {exc.strerror}", file=path,
+                          fix="check the file's permissions and the disk") from None
+    except orjson.JSONDecodeError as exc:
+        raise SourceError(f"not valid JSON: {exc}", file=path,
+                          fix=f"the file is damaged or truncated: re-download {path.name}") from None
 
 
 def weight_files(folder: Path) -> dict[str, list[str]] | list[Path]:
@@ -272,9 +292,14 @@ def weight_files(folder: Path) -> dict[str, list[str]] | list[Path]:
     index = folder / INDEX
     if index.exists():
         data = _read_json(index)
-        wmap = data.get("weight_map") if isinstance(data, dict) else None
+        fix = (f"re-download {INDEX} (or delete it: without an index every *.safetensors "
+               "file of the folder is read)")
+        if not isinstance(data, dict):
+            raise SourceError(f"the index is a JSON {_json_type(data)}, not an object with a "
+                              "weight_map", file=index, fix=fix)
+        wmap = data.get("weight_map")
         if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
-            raise SourceError("index has no weight_map of tensor -> file", file=index)
+            raise SourceError("the index has no weight_map of tensor -> file", file=index, fix=fix)
         return wmap
     shards = sorted(folder.glob("*.safetensors"))
     if shards:
@@ -292,6 +317,10 @@ def weight_files(folder: Path) -> dict[str, list[str]] | list[Path]:
 def open_source(name: str, path: str | os.PathLike[str]) -> Source:
     """Read a checkpoint folder's config.json, index and safetensors headers (no tensor data)."""
     folder = Path(path)
+    if folder.is_file():
+        raise SourceError(f"source {name!r} is a file, not a checkpoint folder", file=folder,
+                          fix=f"give the folder that holds config.json and the weights "
+                              f"({folder.parent}?), not a file in it")
     if not folder.is_dir():
         raise SourceError(f"source {name!r}: folder does not exist", file=folder,
                           fix="check the path (in the mix config or on the command line)")
@@ -302,7 +331,10 @@ def open_source(name: str, path: str | os.PathLike[str]) -> Source:
 def read_config(folder: Path) -> dict[str, Any]:
     config = _read_json(folder / "config.json")
     if not isinstance(config, dict):
-        raise SourceError("config.json is not an object", file=folder / "config.json")
+        raise SourceError(f"config.json is a JSON {_json_type(config)}, not an object",
+                          file=folder / "config.json",
+                          fix="a model's config.json is an object (architectures, hidden_size, "
+                              "...): re-download it")
     return config
 
 
