@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from mixload.core.errors import ConfigError
+from mixload.core.errors import ConfigError, SourceError
 from mixload.core.formats import Awq, CtFp8, CtInt4, Fp8, Gptq, Unquantized, WeightFormat, detect
 from mixload.core.formats.awq import ORDER
 from mixload.core.formats.base import FLOAT_DTYPES, pack_int, torch_dtype, unpack_int
@@ -265,13 +265,9 @@ def test_default_scale_dtypes_follow_each_ecosystem():
     assert CtInt4().quantize(w)["weight_scale"].dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("fmt, why", [
-    (Gptq(group_size=96), "multiple of group 96"),
-    (Awq(bits=8), "4-bit"),
-])
-def test_weights_a_format_cannot_store_are_refused(fmt: WeightFormat, why: str):
-    with pytest.raises(ConfigError, match=why):
-        fmt.quantize(random_weight())
+def test_weights_a_format_cannot_store_are_refused():
+    with pytest.raises(ConfigError, match="multiple of group 96"):
+        Gptq(group_size=96).quantize(random_weight())
 
 
 # ---- GPTQ with calibration
@@ -336,3 +332,68 @@ def test_compressed_tensors_config_looks_like_llm_compressors():
     fp8 = CtFp8().quantization_config([])
     assert fp8["format"] == "float-quantized"
     assert fp8["config_groups"]["group_0"]["weights"]["block_structure"] == [128, 128]
+
+
+# ---- every quantization_config field is type- and range-checked
+
+def _ct(fields: dict, **group: object) -> dict:
+    qc = CtInt4().quantization_config([])
+    qc["config_groups"]["group_0"]["weights"].update(fields)
+    qc["config_groups"]["group_0"].update(group)
+    return qc
+
+
+GPTQ = Gptq().quantization_config([])
+BAD_CONFIGS = {   # quantization_config -> the key the error names
+    "gptq group_size 0": ({**GPTQ, "group_size": 0}, "group_size = 0"),
+    "gptq group_size -2": ({**GPTQ, "group_size": -2}, "group_size = -2"),
+    "gptq bits 3": ({**GPTQ, "bits": 3}, "bits = 3"),
+    "gptq bits 0": ({**GPTQ, "bits": 0}, "bits = 0"),
+    "gptq bits true": ({**GPTQ, "bits": True}, "bits = True"),
+    "gptq bits 4.0": ({**GPTQ, "bits": 4.0}, "bits = 4.0"),
+    "gptq bits '4'": ({**GPTQ, "bits": "4"}, "bits = '4'"),
+    "gptq sym 'yes'": ({**GPTQ, "sym": "yes"}, "sym = 'yes'"),
+    "awq bits 8": ({"quant_method": "awq", "version": "gemm", "bits": 8}, "bits = 8"),
+    "awq w_bit 7": ({"quant_method": "awq", "w_bit": 7}, "w_bit = 7"),
+    "awq q_group_size 0": ({"quant_method": "awq", "q_group_size": 0}, "q_group_size = 0"),
+    "awq version 5": ({"quant_method": "awq", "version": 5}, "AWQ version 5"),
+    "fp8 block [0, 128]": ({"quant_method": "fp8", "weight_block_size": [0, 128]},
+                           r"weight_block_size\[0\] = 0"),
+    "fp8 block [128, -1]": ({"quant_method": "fp8", "weight_block_size": [128, -1]},
+                            r"weight_block_size\[1\] = -1"),
+    "fp8 block [128]": ({"quant_method": "fp8", "weight_block_size": [128]}, "weight_block_size"),
+    "fp8 block [128]*3": ({"quant_method": "fp8", "weight_block_size": [128] * 3},
+                          "weight_block_size"),
+    "fp8 block 128": ({"quant_method": "fp8", "weight_block_size": 128}, "weight_block_size"),
+    "fp8 e5m2": ({"quant_method": "fp8", "fmt": "e5m2"}, "fmt = 'e5m2'"),
+    "fp8 scheme": ({"quant_method": "fp8", "activation_scheme": "sometimes"}, "activation_scheme"),
+    "ct group_size 0": (_ct({"group_size": 0}), "config_groups.group_0.weights.group_size = 0"),
+    "ct group_size null": (_ct({"group_size": None}), "weights.group_size = None"),
+    "ct num_bits 4.0": (_ct({"num_bits": 4.0}), "weights.num_bits = 4.0"),
+    "ct tensor int": (_ct({"strategy": "tensor"}), "strategy 'tensor'"),
+    "ct fp8 block [128, 0]": (CtFp8().quantization_config([]) | {"config_groups": {"g": {
+        "weights": {"type": "float", "num_bits": 8, "strategy": "block",
+                    "block_structure": [128, 0]}}}}, r"block_structure\[1\] = 0"),
+    "ct weights a list": (_ct({}, weights=[4]), "config_groups.group_0.weights is a list"),
+    "ct groups a string": ({"quant_method": "compressed-tensors", "config_groups": "w4a16"},
+                           "config_groups is a string"),
+    "a list": ([{"quant_method": "fp8"}], "quantization_config is a list, not an object"),
+    "a string": ("fp8", "quantization_config is a string, not an object"),
+    "no quant_method": ({"bits": 4}, "has no quant_method"),
+}
+
+
+@pytest.mark.parametrize("qc, why", BAD_CONFIGS.values(), ids=BAD_CONFIGS.keys())
+def test_bad_quantization_configs_name_the_field(qc: object, why: str):
+    with pytest.raises(SourceError, match=why) as err:
+        detect(qc, "m/config.json")
+    assert err.value.file == "m/config.json" and err.value.fix
+
+
+def test_quantization_config_spellings_of_each_tool():
+    assert detect({"quant_method": "awq", "w_bit": 4, "q_group_size": 64, "version": "GEMM"}) \
+        == [Awq(group_size=64)]
+    assert detect({"quant_method": "fp8", "weight_block_size": None}) \
+        == [Fp8(strategy="tensor", block=None)]
+    assert detect({**GPTQ, "group_size": -1, "damp_percent": 0.01}) == [Gptq(group_size=-1)]
+    assert detect(None) == []

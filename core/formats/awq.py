@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from ..errors import ConfigError
-from .base import FLOAT_DTYPES, Parallel, ScaleDtype, WeightFormat, pack_int, unpack_int
+from ..errors import SourceError
+from .base import (FLOAT_DTYPES, GroupSize, Parallel, ScaleDtype, WeightFormat, from_config,
+                   int_in, pack_int, unpack_int)
 from .gptq import (INT32, check_int_shape, dequantize_int, PackedInt, quantize_int,
                    sequential_groups)
 
@@ -15,16 +16,29 @@ if TYPE_CHECKING:
 #: AWQ GEMM word layout: bits [4k, 4k+4) hold output column ORDER[k] of each run of 8, the
 #: order its CUDA kernel's dequantize unpacks them in.
 ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+NibbleBits = int_in(4)   # the GEMM layout packs 4-bit values only
 
 
 class Awq(PackedInt, WeightFormat):
     label_prefix: ClassVar[str] = "awq"
     name: ClassVar[str] = "awq"
     key: ClassVar[str] = "qweight"
-    bits: int = 4
-    group_size: int = 128
+    bits: NibbleBits = 4
+    group_size: GroupSize = 128
     zero_point: bool = True
     default_scale_dtype: ClassVar[ScaleDtype] = "F16"   # AutoAWQ writes F16
+
+    @classmethod
+    def from_quantization_config(cls, qc: dict[str, Any], file: object) -> list[WeightFormat]:
+        version = qc.get("version", "gemm")
+        if not isinstance(version, str) or version.lower() != "gemm":
+            raise SourceError(f"AWQ version {version!r} is not supported (only GEMM)",
+                              file=file, fix="use an AWQ GEMM checkpoint")
+        # AutoAWQ's own spellings (w_bit, q_group_size) and the transformers ones
+        keys = {"bits": "w_bit" if "w_bit" in qc and "bits" not in qc else "bits",
+                "group_size": "q_group_size" if "q_group_size" in qc and "group_size" not in qc
+                else "group_size", "zero_point": "zero_point"}
+        return [from_config(cls, file, keys, **{f: qc[k] for f, k in keys.items() if k in qc})]
 
     def quantization_config(self, ignore: list[str]) -> dict | None:
         return {"quant_method": "awq", "version": "gemm", "bits": self.bits,
@@ -52,18 +66,12 @@ class Awq(PackedInt, WeightFormat):
             return {"qweight": 0, "qzeros": 0, "scales": 0}.get(suffix)
         return None
 
-    def _check_bits(self) -> None:
-        if self.bits != 4:
-            raise ConfigError(f"AWQ GEMM packs 4-bit weights only, not {self.bits}-bit",
-                              fix="use bits 4, or GPTQ / compressed-tensors for 8-bit")
-
     def quantize(self, w: Tensor, calib: Tensor | None = None,
                  scale_dtype: ScaleDtype | None = None) -> dict[str, Tensor]:
         """RTN with a zero point. With `calib`, GPTQ's error compensation fills the same layout
         (AWQ's own activation-aware scaling must be folded into the previous layer, which a
         per-module function can't do). zero_point=False stores the symmetric zero 8, because
         the GEMM kernels always subtract qzeros."""
-        self._check_bits()
         check_int_shape(self.label(), *w.shape, self.group_size, self.pack)
         r = quantize_int(w, self.bits, self.group_size, not self.zero_point,
                          scale_dtype or self.default_scale_dtype, calib)
@@ -72,7 +80,6 @@ class Awq(PackedInt, WeightFormat):
                 "scales": r.scale.T.contiguous()}
 
     def dequantize(self, tensors: Mapping[str, Tensor]) -> Tensor:
-        self._check_bits()
         q = unpack_int(tensors["qweight"], self.bits, dim=1, order=ORDER).T      # [out, in]
         zero = unpack_int(tensors["qzeros"], self.bits, dim=1, order=ORDER).T    # [out, groups]
         return dequantize_int(q, tensors["scales"].T, zero,

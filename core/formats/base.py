@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from functools import cache
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, StrictInt, ValidationError
+
+from ..errors import SourceError
 
 if TYPE_CHECKING:
     import torch
@@ -26,10 +28,30 @@ DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "F8_E4M3": 1, "F8_E5M2":
                "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-class WeightFormat(BaseModel):
-    """A storage format of a linear module; subclasses are small frozen pydantic models."""
+def int_in(*allowed: int) -> Any:
+    """An integer field (not a bool, not a float) that must be one of `allowed`."""
+    def check(value: int) -> int:
+        if value not in allowed:
+            raise ValueError(f"must be {' or '.join(map(str, allowed))}")
+        return value
+    return Annotated[StrictInt, AfterValidator(check)]
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+
+def _group_size(value: int) -> int:
+    if value != -1 and value <= 0:
+        raise ValueError("must be a positive number of inputs per scale, or -1 (one group "
+                         "per output channel)")
+    return value
+
+
+GroupSize = Annotated[StrictInt, AfterValidator(_group_size)]
+
+
+class WeightFormat(BaseModel):
+    """A storage format of a linear module; subclasses are small frozen pydantic models whose
+    fields are typed strictly and range-checked (a checkpoint's config.json fills them)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
     name: ClassVar[str]
     precision: ClassVar[str]   # family shown in reports: bf16 | fp16 | fp32 | fp8 | int4 | int8
@@ -87,6 +109,42 @@ class WeightFormat(BaseModel):
         """The float32 weight [out, in] these tensors store (a reference, not a kernel).
         Scale dtypes are read from the tensors, never assumed."""
         raise NotImplementedError
+
+
+F = TypeVar("F", bound=WeightFormat)
+
+
+def from_config(cls: type[F], file: object, keys: Mapping[str, str] | None = None,
+                **fields: Any) -> F:
+    """`cls(**fields)` with values read from a quantization_config; a value of the wrong type
+    or out of range is a SourceError naming the config key (`keys`: field -> its path in the
+    quantization_config, where they differ)."""
+    try:
+        return cls(**fields)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field, *index = err["loc"] or ("?",)
+        key = (keys or {}).get(str(field), str(field))
+        value, why = err["input"], str(err["msg"]).removeprefix("Value error, ")
+        if err["type"] == "missing":   # a tuple item: name the whole (too short) value
+            value, why = fields.get(str(field)), "too few entries"
+        else:
+            key += "".join(f"[{i}]" for i in index)
+        value = list(value) if isinstance(value, tuple) else value   # as config.json wrote it
+        raise SourceError(f"quantization_config.{key} = {value!r} is not valid for "
+                          f"{cls.name}: {why}", file=file,
+                          fix=f"correct quantization_config.{key} in config.json (the value "
+                              "the checkpoint was quantized with), or re-download it") from None
+
+
+def config_object(value: Any, key: str, file: object) -> dict[str, Any]:
+    """`value`, the quantization_config (or its part `key`), which must be a JSON object."""
+    if not isinstance(value, dict):
+        kind = {list: "a list", str: "a string", type(None): "null"}.get(type(value), repr(value))
+        raise SourceError(f"{key} is {kind}, not an object", file=file,
+                          fix=f"{key} in config.json must be an object as the quantization tool "
+                              "wrote it; re-download the checkpoint's config.json")
+    return value
 
 
 def _even_split(out: int, inp: int, parallel: Parallel, tp: int) -> list[str]:

@@ -4,10 +4,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .base import FLOAT_DTYPES, Parallel, ScaleDtype, WeightFormat, pack_int, unpack_int
+from ..errors import SourceError
+from .base import (FLOAT_DTYPES, GroupSize, Parallel, ScaleDtype, WeightFormat, config_object, from_config,
+                   pack_int, unpack_int)
 from .fp8 import Fp8
-from .gptq import (INT32, check_int_shape, dequantize_int, PackedInt, quantize_int,
-                   sequential_groups)
+from .gptq import (INT32, MarlinBits, check_int_shape, dequantize_int, PackedInt,
+                   quantize_int, sequential_groups)
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -25,6 +27,47 @@ def _ct_config(weights: dict[str, Any], activations: dict[str, Any] | None, fmt:
             "ignore": ignore, "kv_cache_scheme": None, "sparsity_config": {}}
 
 
+def compressed_tensors_formats(qc: dict[str, Any], file: object) -> list[WeightFormat]:
+    """The formats of a `quant_method: compressed-tensors` config, one per config group
+    (none: a sparsity-only config)."""
+    formats: list[WeightFormat] = []
+    groups = qc.get("config_groups")
+    for name, group in ({} if groups is None else
+                        config_object(groups, "quantization_config.config_groups", file)).items():
+        where = f"config_groups.{name}"
+        group = config_object(group, f"quantization_config.{where}", file)
+        w = config_object(group.get("weights"), f"quantization_config.{where}.weights", file)
+        acts = group.get("input_activations")
+        if acts is not None:
+            acts = config_object(acts, f"quantization_config.{where}.input_activations", file)
+        keys = {"strategy": f"{where}.weights.strategy", "bits": f"{where}.weights.num_bits",
+                "group_size": f"{where}.weights.group_size",
+                "symmetric": f"{where}.weights.symmetric",
+                "block": f"{where}.weights.block_structure"}
+        kind, bits, strategy = w.get("type", "int"), w.get("num_bits"), w.get("strategy", "tensor")
+        if kind == "float" and bits == 8:
+            block = w.get("block_structure") if strategy == "block" else None
+            formats.append(from_config(
+                CtFp8, file, keys, strategy=strategy,
+                block=tuple(block) if isinstance(block, list) else block,
+                activation_scheme="dynamic" if not acts or acts.get("dynamic", True) else "static"))
+        elif kind == "int" and bits in (4, 8):
+            layout = group.get("format") or qc.get("format") or "pack-quantized"
+            if layout != "pack-quantized" or strategy not in ("group", "channel"):
+                raise SourceError(f"compressed-tensors int weights stored {layout!r} with "
+                                  f"strategy {strategy!r} are not supported", file=file,
+                                  fix="use a pack-quantized checkpoint with group or channel "
+                                      "scales (llm-compressor's W4A16 / W8A16)")
+            formats.append(from_config(
+                CtInt4, file, keys, bits=bits, symmetric=w.get("symmetric", True),
+                group_size=w.get("group_size") if strategy == "group" else -1))
+        else:
+            raise SourceError(f"compressed-tensors scheme {w} (quantization_config.{where}."
+                              "weights) is not supported", file=file,
+                              fix="use pack-quantized int4/int8 or float-quantized fp8")
+    return formats
+
+
 class CtInt4(PackedInt, WeightFormat):
     """`weight_packed` I32 [out, in/8], `weight_scale` [out, groups], `weight_shape` I64 [2];
     asymmetric adds `weight_zero_point` I32 [out/8, groups].
@@ -39,8 +82,8 @@ class CtInt4(PackedInt, WeightFormat):
     optional: ClassVar[frozenset[str]] = frozenset({"bias", "weight_g_idx"})
     # llm-compressor computes scales in the weight's dtype: BF16 for today's models.
     default_scale_dtype: ClassVar[ScaleDtype] = "BF16"
-    bits: int = 4
-    group_size: int = 128
+    bits: MarlinBits = 4
+    group_size: GroupSize = 128
     symmetric: bool = True
 
     def logical_shape(self, key_shape: tuple[int, ...]) -> tuple[int, int]:

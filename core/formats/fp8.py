@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from ..errors import ConfigError
-from .base import (FLOAT_DTYPES, Parallel, ScaleDtype, WeightFormat, ceil_div, per_rank,
-                   stored_scale)
+from pydantic import PositiveInt
+
+from ..errors import ConfigError, SourceError
+from .base import (FLOAT_DTYPES, Parallel, ScaleDtype, WeightFormat, ceil_div, from_config,
+                   per_rank, stored_scale)
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -19,8 +21,24 @@ class Fp8(WeightFormat):
     name: ClassVar[str] = "fp8"
     precision: ClassVar[str] = "fp8"
     strategy: Literal["block", "tensor", "channel"] = "block"
-    block: tuple[int, int] | None = (128, 128)   # (block_n over out, block_k over in)
+    block: tuple[PositiveInt, PositiveInt] | None = (128, 128)   # (block_n over out, block_k over in)
     activation_scheme: Literal["dynamic", "static"] = "dynamic"
+
+    @classmethod
+    def from_quantization_config(cls, qc: dict[str, Any], file: object) -> list[WeightFormat]:
+        """transformers' / vLLM's `quant_method: fp8` config: weight_block_size [n, k] for block
+        scales, absent (or null) for one scale per tensor."""
+        fmt = qc.get("fmt", "e4m3")
+        if fmt != "e4m3":
+            raise SourceError(f"quantization_config.fmt = {fmt!r}: only FP8 e4m3 weights are "
+                              "supported", file=file, fix="use an e4m3 FP8 checkpoint")
+        block = qc.get("weight_block_size")
+        fields: dict[str, Any] = {k: qc[k] for k in ("activation_scheme",) if k in qc}
+        if block is None:
+            fields.update(strategy="tensor", block=None)
+        else:   # JSON gives a list; anything else is reported as not a pair
+            fields.update(strategy="block", block=tuple(block) if isinstance(block, list) else block)
+        return [from_config(cls, file, {"block": "weight_block_size"}, **fields)]
 
     def label(self) -> str:
         return f"fp8-{self.strategy}"

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, ClassVar, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
 from ..errors import ConfigError
-from .base import (FLOAT_DTYPES, Parallel, ScaleDtype, WeightFormat, pack_int, per_rank,
-                   stored_scale, unpack_int)
+from .base import (FLOAT_DTYPES, GroupSize, Parallel, ScaleDtype, WeightFormat, from_config,
+                   int_in, pack_int, per_rank, stored_scale, unpack_int)
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 INT32 = frozenset({"I32"})
 # Marlin's smallest tiles (GPTQ_MARLIN_MIN_THREAD_N / _K); engines have no other int4 MoE kernel.
 MARLIN_N, MARLIN_K = 64, 128
+#: the widths Marlin (the engines' GPTQ / MoE int kernel) and `pack_int` both handle
+MarlinBits = int_in(4, 8)
 
 
 class PackedInt:
@@ -50,12 +52,17 @@ class Gptq(PackedInt, WeightFormat):
     name: ClassVar[str] = "gptq"
     key: ClassVar[str] = "qweight"
     optional: ClassVar[frozenset[str]] = frozenset({"bias", "g_idx"})
-    bits: int = 4
-    group_size: int = 128
+    bits: MarlinBits = 4
+    group_size: GroupSize = 128
     sym: bool = True
     desc_act: bool = False
     checkpoint_format: Literal["gptq", "gptq_v2"] = "gptq"   # v1 stores zero-1
     default_scale_dtype: ClassVar[ScaleDtype] = "F16"        # AutoGPTQ / GPTQModel write F16
+
+    @classmethod
+    def from_quantization_config(cls, qc: dict[str, Any], file: object) -> list[WeightFormat]:
+        # AutoGPTQ / GPTQModel spell every field as this model does
+        return [from_config(cls, file, **{k: v for k, v in qc.items() if k in cls.model_fields})]
 
     def quantization_config(self, ignore: list[str]) -> dict | None:
         return {"quant_method": "gptq", "bits": self.bits, "group_size": self.group_size,
