@@ -18,7 +18,7 @@ from vllm.model_executor.layers.quantization.base_config import (QuantizationCon
                                                                  QuantizeMethodBase)
 
 from mixload.core.build import QUANT_METHOD
-from mixload.core.config import load as load_mix
+from mixload.core.config import FUSED_NAMES, load as load_mix
 from mixload.core.errors import MixloadError
 from mixload.core.formats import WeightFormat
 from mixload.core.plan import Assignment, Plan, build_plan
@@ -147,8 +147,11 @@ class MixloadConfig(QuantizationConfig):
             except ValueError as exc:
                 raise MixloadError(f"vLLM refuses {fmt.label()}: {exc}",
                                    fix="choose a source in a format this vLLM runs") from None
-            # Fused names (qkv_proj, gate_up_proj) resolve through the model's mapping.
-            cfg.packed_modules_mapping = self.packed_modules_mapping
+            # Fused names (qkv_proj, gate_up_proj) resolve through the model's mapping. vLLM's
+            # Qwen3-MoE adds gate_up_proj (its dense `mlp_only_layers`) to the model instance's
+            # mapping only, after this config copied the class's: add mixload's own table.
+            cfg.packed_modules_mapping = {**{k: list(v) for k, v in FUSED_NAMES.items()},
+                                          **self.packed_modules_mapping}
             self._engine_configs[fmt] = cfg
         return self._engine_configs[fmt]
 

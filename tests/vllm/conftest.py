@@ -35,3 +35,9 @@ def dense(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def moe(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny Qwen3-MoE (8 experts, top 2): BF16 and its GPTQ / AWQ / FP8 siblings."""
     return vs.family(tmp_path_factory.mktemp("qwen3-moe"), "qwen3-moe")
+
+
+@pytest.fixture(scope="session")
+def hybrid(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny Qwen3-MoE whose layer 0 is a dense MLP: BF16 and its GPTQ / AWQ / FP8 siblings."""
+    return vs.family(tmp_path_factory.mktemp("qwen3-hybrid"), "qwen3-hybrid")

@@ -75,6 +75,19 @@ def test_moe_bf16_experts_int4_attention(moe: dict[str, Path], tmp_path: Path) -
     vs.assert_report(report, plan)
 
 
+def test_int4_dense_mlp_of_a_moe_model(hybrid: dict[str, Path], tmp_path: Path) -> None:
+    """The demo's mix on a CPU without AMX: BF16 attention and experts, a GPTQ dense MLP in
+    layer 0 (vLLM's Qwen3-MoE fuses its gate_up_proj only when mlp_only_layers is set)."""
+    model, plan = mixed_model(tmp_path, {
+        "sources": {k: str(hybrid[k]) for k in ("bf16", "gptq")}, "base": "bf16",
+        "rules": [{"match": "model.layers.0.mlp.*", "use": "gptq"}]})
+    report = load_planned(model, plan)
+    assert_bit_exact(model, plan)
+    vs.assert_report(report, plan)
+    assert type(model.model.layers[0].mlp.gate_up_proj.quant_method).__name__ == \
+        "AutoGPTQLinearMethod"
+
+
 @needs_amx
 def test_fp8_and_int4_experts(moe: dict[str, Path], tmp_path: Path) -> None:
     model, plan = mixed_model(tmp_path, {

@@ -53,8 +53,9 @@ def tiny_checkpoint(arch: str, folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     if arch == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(**TINY))
-    else:
-        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**TINY, **TINY_MOE))
+    else:   # "qwen3-hybrid": layer 0 is a dense MLP, as in the tiny family's member
+        dense = [0] if arch == "qwen3-hybrid" else []
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**TINY, **TINY_MOE, mlp_only_layers=dense))
     with torch.no_grad():
         model.lm_head.weight.mul_(8)
     model.to(torch.bfloat16).save_pretrained(folder)
