@@ -131,3 +131,16 @@ def test_a_folder_without_the_record_checks_nothing(mix: Path) -> None:
     # The SGLang launcher serves a mix YAML and a source folder: no build folder to check.
     plan = build_plan(load(mix))
     assert lock.verify(plan, mix.parent / "a") is None
+
+
+@pytest.mark.parametrize("record, text", [
+    (lock.FILES, "not json"), (lock.FILES, "[]"), (lock.FILES, '{"files": {}}'),
+    (lock.LOCK, '{"hash": "md5", "tensors": {}}'), (lock.LOCK, '{"hash": "xxh3-128"}'),
+    (lock.LOCK, '{"hash": "xxh3-128", "tensors": {}}')])
+def test_a_damaged_record_is_refused_with_the_fix(mix: Path, record: str, text: str) -> None:
+    out, plan = built(mix, "--lock")
+    (out / record).write_text(text)
+
+    with pytest.raises(SourceError) as err:
+        lock.verify(plan, out)
+    assert "mixload build" in err.value.fix
