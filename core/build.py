@@ -3,8 +3,9 @@
 The folder's config.json is the base source's, with
 `quantization_config = {"quant_method": "mixload", "fingerprint": ..., "mix": "mix.yaml"}`;
 the engine adapter rebuilds the plan from `mix.yaml` (every source path absolute) and refuses to
-load if the checkpoints changed since the build (the fingerprint covers every planned tensor's
-file, offsets, dtype and shape).
+load if the checkpoints changed since the build: the fingerprint covers every planned tensor's
+file, offsets, dtype and shape; files.json each planned file's size and mtime; with `--lock`,
+lock.json each planned tensor's content hash (core/lock.py).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .config import SEED_PRECISIONS, MixConfig, load, parse
 from .convert import SIDE_FILES, _replace  # tokenizer files; atomic folder swap
 from .errors import ConfigError
 from .hub import check_cached
+from .lock import record
 from .plan import Plan, build_plan
 
 MIX = "mix.yaml"
@@ -29,11 +31,12 @@ QUANT_METHOD = "mixload"
 
 
 def build(config_path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
-          overwrite: bool = False) -> Path:
+          overwrite: bool = False, lock: bool = False) -> Path:
     """Plan the mix YAML and write its model folder to `out_dir`; returns the folder.
 
     The folder appears only once complete (written next to it, then renamed). An existing
-    folder is replaced only with `overwrite=True`."""
+    folder is replaced only with `overwrite=True`. With `lock=True` every planned tensor's bytes
+    are read and hashed into a lockfile the loader checks (core/lock.py)."""
     cfg = load(config_path)
     plan = build_plan(cfg)
     check_cached(plan)   # the engines read the weights from disk: every planned shard is there
@@ -44,7 +47,7 @@ def build(config_path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        _write(plan, tmp)
+        _write(plan, tmp, lock)
         _replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -52,7 +55,7 @@ def build(config_path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
     return out
 
 
-def _write(plan: Plan, folder: Path) -> None:
+def _write(plan: Plan, folder: Path, lock: bool = False) -> None:
     base = plan.sources[plan.config.base]
     mix = normalized(plan.config)
     if plan.config.form == "rules":   # the engines load the very commits that were planned
@@ -65,6 +68,11 @@ def _write(plan: Plan, folder: Path) -> None:
                           file=plan.config.file, fix="report this as a mixload bug")
     (folder / MIX).write_text(yaml.safe_dump(mix, sort_keys=False), encoding="utf-8")
     (folder / PLAN).write_text(json.dumps(plan.to_json(), indent=2) + "\n", encoding="utf-8")
+    hashes = None
+    if lock:
+        from .stream import content_hashes   # reads the tensors as the loader will (needs torch)
+        hashes = content_hashes(plan)
+    record(plan, folder, hashes)
     config = {k: v for k, v in base.config.items() if k != "compression_config"}
     config["quantization_config"] = quantization_config(plan)
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")

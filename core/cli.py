@@ -65,7 +65,7 @@ def cmd_convert(args: argparse.Namespace, out: Console) -> int:
 
 def cmd_build(args: argparse.Namespace, out: Console) -> int:
     from .build import build
-    folder = build(args.config, args.output, overwrite=args.overwrite)
+    folder = build(args.config, args.output, overwrite=args.overwrite, lock=args.lock)
     out.print(f"wrote {folder}: serve it with `vllm serve {folder} --load-format mixed` "
               f"or LLM({str(folder)!r}, load_format=\"mixed\")")
     return 0
@@ -115,6 +115,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("config", help="mix YAML")
     b.add_argument("-o", "--output", required=True, help="output folder")
     b.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    b.add_argument("--lock", action="store_true", help="also hash every planned tensor (reads them "
+                                                       "all once): the engines refuse changed bytes")
     fetch = sub.add_parser("fetch", help="download into the Hugging Face cache only the shards "
                                          "the plan uses (sources given by hub id)")
     fetch.add_argument("config", help="mix YAML")

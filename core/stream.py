@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from . import lock
 from .errors import SourceError
 from .formats.base import torch_dtype
 from .hub import check_cached
@@ -62,9 +63,26 @@ def planned_bytes(plan: Plan) -> int:
     return sum(a.nbytes for a in plan.assignments)
 
 
-def stream(plan: Plan, stats: ReadStats | None = None) -> Iterator[tuple[str, Tensor]]:
+def stream(plan: Plan, stats: ReadStats | None = None,
+           hashes: Mapping[str, str] | None = None) -> Iterator[tuple[str, Tensor]]:
     """(checkpoint name, tensor) for exactly the planned tensors: each file is opened once and
-    only the planned tensors' bytes are read from it, in file order, one read per tensor."""
+    only the planned tensors' bytes are read from it, in file order, one read per tensor.
+
+    With `hashes` (tensor name -> digest: a `mixload build --lock` folder's, from lock.verify)
+    each tensor's bytes are hashed as read, and one that changed since the build is refused
+    (SourceError) before the engine gets it."""
+    for info, buf in _buffers(plan, stats):
+        if hashes is not None:
+            lock.check_content(info, buf, hashes[info.name])
+        yield info.name, _tensor(info, buf)
+
+
+def content_hashes(plan: Plan) -> dict[str, str]:
+    """Tensor name -> digest of its bytes, read as `stream` reads them (`mixload build --lock`)."""
+    return {info.name: lock.digest(buf) for info, buf in _buffers(plan)}
+
+
+def _buffers(plan: Plan, stats: ReadStats | None = None) -> Iterator[tuple[TensorInfo, bytearray]]:
     check_cached(plan)   # a hub source planned online may not be fetched yet: say which command
     stats = stats if stats is not None else ReadStats()
     for file, infos in planned_tensors(plan).items():
@@ -78,16 +96,16 @@ def stream(plan: Plan, stats: ReadStats | None = None) -> Iterator[tuple[str, Te
             sparse = wanted < SPARSE_USE * os.fstat(fd).st_size
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM if sparse else os.POSIX_FADV_SEQUENTIAL)
             for info in infos:
-                tensor = _read(fd, file, info)
+                buf = _read(fd, file, info)
                 stats.tensors += 1
                 stats.bytes_read += info.nbytes
                 stats.by_file[str(file)] = stats.by_file.get(str(file), 0) + info.nbytes
-                yield info.name, tensor
+                yield info, buf
         finally:
             os.close(fd)
 
 
-def _read(fd: int, file: Path, info: TensorInfo) -> Tensor:
+def _read(fd: int, file: Path, info: TensorInfo) -> bytearray:
     """One tensor's bytes (pread: no mapping whose page faults read around them)."""
     buf = bytearray(info.nbytes)
     view, got = memoryview(buf), 0
@@ -97,6 +115,10 @@ def _read(fd: int, file: Path, info: TensorInfo) -> Tensor:
             raise SourceError(f"the file ends inside tensor {info.name}", file=file,
                               tensor=info.name, fix="the shard is truncated: re-download it")
         got += n
+    return buf
+
+
+def _tensor(info: TensorInfo, buf: bytearray) -> Tensor:
     dtype = torch_dtype(info.dtype)
     if not buf:
         return torch.empty(info.shape, dtype=dtype)

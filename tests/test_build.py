@@ -36,7 +36,8 @@ def test_folder_has_config_plan_and_mix_but_no_weights(small_moe: dict[str, Path
     assert {k: v for k, v in config.items() if k != "quantization_config"} == base
     assert json.loads((out / "plan.json").read_text())["fingerprint"] == plan.fingerprint
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "generation_config.json", "mix.yaml", "plan.json", "tokenizer.json"]
+        "config.json", "files.json", "generation_config.json", "mix.yaml", "plan.json",
+        "tokenizer.json"]
     normalized = yaml.safe_load((out / "mix.yaml").read_text())
     assert normalized == {
         "sources": {"bf16": {"path": str(small_moe["bf16"])},

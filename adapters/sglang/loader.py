@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mixload.core import audit
+from mixload.core import audit, lock
 from mixload.core.config import load as load_mix
 from mixload.core.device_memory import DeviceMemory
 from mixload.core.errors import AuditError, MixloadError
@@ -193,10 +193,11 @@ def layer_params(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_weights(model: nn.Module, plan: Plan) -> LoadRecord:
+def load_weights(model: nn.Module, plan: Plan, hashes: dict[str, str] | None = None) -> LoadRecord:
     """Stream this rank's planned tensors into SGLang's own load_weights and audit the result
     (raises AuditError): every planned tensor written into a parameter, every parameter filled
-    (all of it: params are armed with a sentinel first), every layer in its planned format."""
+    (all of it: params are armed with a sentinel first), every layer in its planned format.
+    With `hashes` (lock.verify) a tensor whose bytes changed since the build raises SourceError."""
     local, skipped = rank_plan(plan, model)
     record = LoadRecord(skipped=skipped)
     methods = observed_methods(model)
@@ -208,7 +209,7 @@ def load_weights(model: nn.Module, plan: Plan) -> LoadRecord:
     tracker = Consumption(params)
 
     def weights() -> Iterator[tuple[str, torch.Tensor]]:
-        for name, tensor in tracker.watch(stream(local, record.stats)):
+        for name, tensor in tracker.watch(stream(local, record.stats, hashes)):
             if audit.redundant(*planned[name], tensor):
                 redundant.add(name)
             yield name, tensor
@@ -278,7 +279,8 @@ def make_loader_class() -> type:
         def load_model(self, *, model_config: Any, device_config: Any) -> nn.Module:
             with DeviceMemory() as memory:
                 model, self.plan = build_model(model_config, self.load_config, device_config)
-                self.record = load_weights(model, self.plan)   # raises AuditError
+                hashes = lock.verify(self.plan, model_config.model_path)   # checkpoints unchanged
+                self.record = load_weights(model, self.plan, hashes)   # raises AuditError
                 postprocess(model, torch.device(device_config.device))
             self.record.gpu_held_bytes = memory.held_bytes
             self.record.gpu_peak_bytes = memory.peak_bytes

@@ -17,7 +17,7 @@ from vllm.config import ModelConfig, VllmConfig
 from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 
-from mixload.core import audit
+from mixload.core import audit, lock
 from mixload.core.device_memory import DeviceMemory
 from mixload.core.errors import MixloadError
 from mixload.core.plan import Plan
@@ -74,14 +74,16 @@ class MixedModelLoader(BaseModelLoader):
                                "`mixload build` (config.json quant_method: mixload)",
                                file=model_config.model,
                                fix="run `mixload build mix.yaml -o DIR` and serve DIR")
-        report = load_planned(model, self._config.plan)
+        plan = self._config.plan
+        hashes = lock.verify(plan, model_config.model)   # checkpoints unchanged since the build
+        report = load_planned(model, plan, hashes)
         model.mixload_report = report
         logger.info("mixload: plan %s loaded: %s", report.fingerprint, asdict(report))
 
 
-def load_planned(model: nn.Module, plan: Plan) -> LoadReport:
+def load_planned(model: nn.Module, plan: Plan, hashes: dict[str, str] | None = None) -> LoadReport:
     """Stream the plan (this rank's experts only) into a freshly built vLLM model and audit
-    it; raises AuditError."""
+    it; raises AuditError (and SourceError for a tensor whose bytes differ from `hashes`)."""
     fingerprint = plan.fingerprint   # the folder's, not that of this rank's share
     plan = local_plan(plan, held_experts(model))
     methods = observed_methods(model)
@@ -96,7 +98,7 @@ def load_planned(model: nn.Module, plan: Plan) -> LoadReport:
 
     def weights():   # noqa: ANN202 - a generator of (name, tensor)
         nonlocal current
-        for name, tensor in tracker.watch(stream(plan, stats)):
+        for name, tensor in tracker.watch(stream(plan, stats, hashes)):
             if audit.redundant(*planned[name], tensor):
                 redundant.add(name)
             current = name
