@@ -59,7 +59,7 @@ def sglang(session: nox.Session) -> None:
                     "pybase64", "requests", "triton", "pillow", "starlette", "msgspec", "pyzmq",
                     "ipython", "aiohttp", "einops", "dill", "sentencepiece", "compressed-tensors",
                     "gguf", "openai", "partial-json-parser")
-    session.install(*pins, "pydantic", "pyyaml", "rich", "pluggy", "tqdm", "huggingface_hub",
+    session.install(*pins, "pydantic", "pyyaml", "rich", "pluggy", "tqdm", "huggingface_hub", "xxhash",
                     "pytest", "hypothesis")
     session.install("--no-deps", "-e", ".")
     session.run("pytest", "tests/sglang", *session.posargs)

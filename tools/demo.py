@@ -101,7 +101,7 @@ def serve(folder: Path, windows: list[list[int]], mixed: bool) -> dict[str, Any]
               enforce_eager=True, max_model_len=512, seed=0)
     started = time.perf_counter() - t0
     try:
-        answer = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=40),
+        answer = llm.generate([PROMPT], SamplingParams(temperature=0, max_tokens=32),
                               use_tqdm=False)[0].outputs[0].text
         scored = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows],
                               SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)
@@ -117,6 +117,12 @@ def serve(folder: Path, windows: list[list[int]], mixed: bool) -> dict[str, Any]
     finally:
         llm.llm_engine.engine_core.shutdown()
     return {"answer": answer, "ppl": math.exp(nll / count), "start_s": started, "report": report}
+
+
+def answer(out: Any, text: str) -> None:
+    from rich.markup import escape
+
+    out.print(f"prompt: {PROMPT!r}\nanswer: {escape(repr(text))}", highlight=False)
 
 
 def main() -> None:
@@ -155,8 +161,10 @@ def main() -> None:
                   "it can:[/]")
         for n in notes:
             out.print(f"  {n}")
-        out.print(f"  (the classic mix plans to {human(classic_plan.memory()['total_bytes'])} "
-                  f"of weights; it runs on the GPU: docs/results/gpu-parity.md)")
+        cm = classic_plan.memory()
+        out.print(f"  (the classic mix: {human(cm['total_bytes'])} of weights, "
+                  f"{cm['total_bytes'] / cm['all_bf16_bytes']:.2f}x BF16; it runs on the GPU: "
+                  "docs/results/gpu-parity.md)")
     plan = build_plan(load(mix_path))
     out.rule(f"mixload plan {mix_path}")
     print_plan(plan, out)
@@ -171,10 +179,10 @@ def main() -> None:
     r = mixed["report"]
     out.print(f"started in {mixed['start_s']:.0f} s; load audit passed: {r.read_bytes} planned "
               f"bytes read and consumed, every parameter filled")
-    out.print(f"[bold]{PROMPT}[/]{mixed['answer']}", highlight=False)
+    answer(out, mixed["answer"])
     out.rule("vLLM: the BF16 checkpoint, vLLM's own loader")
     base = serve(bf16, windows, mixed=False)
-    out.print(f"[bold]{PROMPT}[/]{base['answer']}", highlight=False)
+    answer(out, base["answer"])
 
     mem = plan.memory()
     n_tokens = sum(len(w) - 1 for w in windows)
