@@ -9,19 +9,20 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 from transformers import Qwen3Config
 
 from conftest import write_yaml
-from mixload.core import output
 from mixload.core.cli import main
 from mixload.core.tiny_family import write_random
 from test_hub import BF16, FP8, INT4, Hub, hub, small_family  # noqa: F401 (hub: fixture)
@@ -30,6 +31,14 @@ from test_hub import BF16, FP8, INT4, Hub, hub, small_family  # noqa: F401 (hub:
 TINY = dict(hidden_size=256, num_hidden_layers=1, num_attention_heads=4, head_dim=64,
             num_key_value_heads=2, vocab_size=256, intermediate_size=256,
             tie_word_embeddings=False, architectures=["Qwen3ForCausalLM"])
+
+
+MARKER = ".mixload-output"     # in every folder mixload writes
+
+
+def host() -> str:
+    """This machine, as mixload's temporary folder names spell it."""
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -153,7 +162,7 @@ def test_overwrite_replaces_a_folder_mixload_made_or_an_empty_one(
     out = tmp_path / "fp8"
     out.mkdir()                                      # empty: nothing to lose
     assert run(capsys, "convert", src, "--to", "fp8", "-o", out, "--overwrite")[0] == 0
-    assert (out / output.MARKER).is_file()
+    assert (out / MARKER).is_file()
     assert run(capsys, "convert", src, "--to", "ct-fp8", "-o", out, "--overwrite")[0] == 0
     assert "compressed-tensors" in (out / "config.json").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fp8", "models"]   # no temp, no old
@@ -196,9 +205,9 @@ def test_the_next_run_sweeps_what_a_killed_run_left(src: Path, tmp_path: Path, c
     p.kill()                                         # SIGKILL: no handler runs
     p.wait(timeout=60)
     [stale] = tmp_path.glob(".out.tmp-*")
-    alive = tmp_path / f".x.tmp-{output._host()}-{os.getpid()}-running"   # a live run's
+    alive = tmp_path / f".x.tmp-{host()}-{os.getpid()}-running"   # a live run's
     alive.mkdir()
-    (alive / output.MARKER).write_text("{}")
+    (alive / MARKER).write_text("{}")
     users = tmp_path / ".notes.tmp-mine-1-keep"      # not mixload's: no marker
     users.mkdir()
     (users / "notes.txt").write_text("keep")
@@ -247,7 +256,7 @@ def test_an_output_folder_that_cannot_be_made_is_exit_2(
     # Tests may run as root, where a read-only mode does not stop a write: raise as the OS would.
     def refuse(*args: object, **kwargs: object) -> str:
         raise OSError(code, os.strerror(code), str(tmp_path))
-    monkeypatch.setattr(output.tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
     before = digest(tmp_path / "small")
 
     rc, err = run(capsys, "build", mix, "-o", tmp_path / "served")
