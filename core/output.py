@@ -1,4 +1,4 @@
-"""An output folder mixload owns: `build`, `convert`, `fetch` and the tiny family write through here.
+"""An output folder mixload owns: `build`, `convert` and the tiny family write through here.
 
 - `guard`: the output, resolved (symlinks too), is not, does not contain and does not lie inside
   any source folder; an existing one is replaced only with `overwrite`, and only if mixload made
@@ -154,13 +154,19 @@ def _swap(tmp: Path, out: Path, replace: bool) -> None:
     if out.exists() or out.is_symlink():
         _check_replaceable(out, out)          # again: it may have changed since `guard`
         old = _temp(out, "old")
-        os.replace(out, old)                  # a folder may replace an empty one
+    # No signal between the two renames: an interrupted swap would leave neither folder at `out`.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
-        os.replace(tmp, out)
-    except OSError:
         if old is not None:
-            os.replace(old, out)
-        raise
+            os.replace(out, old)              # a folder may replace an empty one
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if old is not None:
+                os.replace(old, out)
+            raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     if old is not None:
         shutil.rmtree(old)
 

@@ -219,6 +219,21 @@ def test_the_next_run_sweeps_what_a_killed_run_left(src: Path, tmp_path: Path, c
     assert digest(src) == before
 
 
+def test_a_tiny_family_sibling_is_converted_into_its_temporary_folder(
+        src: Path, tmp_path: Path) -> None:
+    """tiny_family.sibling's path (without training): convert replaces the marked, empty
+    temporary folder of `_atomic`, which is then renamed into place."""
+    from mixload.core import tiny_family
+    from mixload.core.convert import convert
+
+    before = digest(src)
+    dest = tmp_path / "qwen3-fp8"
+    assert tiny_family._atomic(dest, lambda tmp: convert(src, tmp, "fp8", overwrite=True)) == dest
+    assert (dest / "config.json").is_file() and (dest / MARKER).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models", "qwen3-fp8"]
+    assert digest(src) == before
+
+
 def test_output_folders_follow_the_umask(mix: Path, tmp_path: Path, capsys) -> None:
     old = os.umask(0o022)
     try:
@@ -290,9 +305,9 @@ def test_fetch_never_downloads_into_a_local_source(hub: Hub, tmp_path: Path) -> 
         hub.server.add(repo, folder)
     local = folders[BF16]                            # the BF16 source, given as a folder
     hub.env["HF_HOME"] = str(local / ".hf")          # ... and the HF cache set inside it
-    mix = write_yaml(tmp_path / "mix.yaml", {"sources": {"bf16": str(local), "fp8": FP8,
-                                                         "int4": INT4}, "base": "fp8",
-                                             "rules": [{"match": "*.mlp.experts.*", "use": "int4"}]})
+    mix = write_yaml(tmp_path / "mix.yaml", {
+        "sources": {"bf16": str(local), "fp8": FP8, "int4": INT4}, "base": "fp8",
+        "rules": [{"match": "*.mlp.experts.*", "use": "int4"}]})
     before = digest(local)
 
     r = hub.mixload("fetch", mix)
