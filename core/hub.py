@@ -334,7 +334,8 @@ def fetch(plan: Plan, dry_run: bool = False) -> list[FetchRow]:
              for f in output.source_folders(src)}
     for row in rows:   # the cache may not overlap a local source (HF_HOME set inside one)
         output.apart(plan.sources[row.source].path.parent.parent, local,
-                     what=f"the Hugging Face cache folder of {row.repo.repo_id}")
+                     what=f"the Hugging Face cache folder of {row.repo.repo_id}",
+                     fix="point HF_HOME (or HF_HUB_CACHE) outside every local source folder")
     if not dry_run:
         for row in rows:
             for f in row.files:

@@ -1,8 +1,9 @@
 """An output folder mixload owns: `build`, `convert` and the tiny family write through here.
 
 - `guard`: the output, resolved (symlinks too), is not, does not contain and does not lie inside
-  any source folder; an existing one is replaced only with `overwrite`, and only if mixload made
-  it (it holds MARKER) or it is empty — never a folder of the user's.
+  any source folder (that part, `apart`, is also how `fetch` checks the Hugging Face cache); an
+  existing one is replaced only with `overwrite`, and only if mixload made it (it holds MARKER)
+  or it is empty — never a folder of the user's.
 - `write`: the folder is filled in a hidden sibling `.NAME.tmp-HOST-PID-XXXXXXXX` that holds the
   marker from the start, then renamed into place; an old one goes only once the new one is there.
   SIGINT and SIGTERM remove the temporary folder; one left by a killed run (SIGKILL, power loss)
@@ -45,8 +46,8 @@ def source_folders(src: Source) -> set[Path]:
     return {src.path} | {info.file.resolve().parent for info in src.tensors.values()}
 
 
-def apart(out: str | os.PathLike[str], sources: Iterable[Path],
-          what: str = "the output folder") -> Path:
+def apart(out: str | os.PathLike[str], sources: Iterable[Path], what: str = "the output folder",
+          fix: str = "choose a folder outside every source folder") -> Path:
     """`out` resolved; raises if it is, contains or lies inside one of `sources`."""
     target = Path(out).resolve()
     for folder in sorted({Path(s).resolve() for s in sources}):
@@ -59,7 +60,7 @@ def apart(out: str | os.PathLike[str], sources: Iterable[Path],
         else:
             continue
         raise OutputError(f"{what} {how}: mixload never writes into, replaces or deletes a "
-                          "source", file=out, fix="choose a folder outside every source folder")
+                          "source", file=out, fix=fix)
     return target
 
 

@@ -313,6 +313,7 @@ def test_fetch_never_downloads_into_a_local_source(hub: Hub, tmp_path: Path) -> 
     r = hub.mixload("fetch", mix)
 
     assert r.returncode == 2 and "lies inside the source folder" in r.stderr, r.stderr
+    assert "HF_HOME" in r.stderr
     assert "Traceback" not in r.stderr
     after = digest(local)
     assert {f: after[f] for f in before} == before                  # every source byte kept
