@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from . import output
 from .config import SEED_PRECISIONS, MixConfig, load, parse
-from .convert import SIDE_FILES, _replace  # tokenizer files; atomic folder swap
+from .convert import SIDE_FILES   # tokenizer files
 from .errors import ConfigError
 from .hub import check_cached
 from .lock import record
@@ -34,25 +34,16 @@ def build(config_path: str | os.PathLike[str], out_dir: str | os.PathLike[str],
           overwrite: bool = False, lock: bool = False) -> Path:
     """Plan the mix YAML and write its model folder to `out_dir`; returns the folder.
 
-    The folder appears only once complete (written next to it, then renamed). An existing
-    folder is replaced only with `overwrite=True`. With `lock=True` every planned tensor's bytes
-    are read and hashed into a lockfile the loader checks (core/lock.py)."""
+    The folder appears only once complete (see core/output.py). It may not be, contain or lie
+    inside a source folder; an existing one is replaced only with `overwrite=True`, and only if
+    mixload made it. With `lock=True` every planned tensor's bytes are read and hashed into a
+    lockfile the loader checks (core/lock.py)."""
     cfg = load(config_path)
     plan = build_plan(cfg)
     check_cached(plan)   # the engines read the weights from disk: every planned shard is there
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ConfigError("the output folder already exists", file=out,
-                          fix="choose another folder, or pass overwrite=True (--overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        _write(plan, tmp, lock)
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    out = output.guard(out_dir, {f for src in plan.sources.values()
+                                 for f in output.source_folders(src)}, overwrite)
+    return output.write(out, lambda tmp: _write(plan, tmp, lock), "mixload build")
 
 
 def _write(plan: Plan, folder: Path, lock: bool = False) -> None:

@@ -11,7 +11,7 @@ from rich.markup import escape
 
 from . import analyze_cli, config as config_mod
 from .config import NormalizedRule
-from .errors import ConfigError, MixloadError
+from .errors import ConfigError, MissingDependency, MixloadError, os_error
 from .plan import Plan, build_plan
 
 
@@ -66,7 +66,7 @@ def cmd_convert(args: argparse.Namespace, out: Console) -> int:
 def cmd_build(args: argparse.Namespace, out: Console) -> int:
     from .build import build
     folder = build(args.config, args.output, overwrite=args.overwrite, lock=args.lock)
-    out.print(f"wrote {folder}: serve it with `vllm serve {folder} --load-format mixed` "
+    out.print(f"wrote {folder}: serve it with `mixload serve vllm {folder}` "
               f"or LLM({str(folder)!r}, load_format=\"mixed\")")
     return 0
 
@@ -113,8 +113,10 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="a model folder the engines open: config (quant_method: "
                                      "mixload), plan, tokenizer; no weight copies")
     b.add_argument("config", help="mix YAML")
-    b.add_argument("-o", "--output", required=True, help="output folder")
-    b.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    b.add_argument("-o", "--output", required=True,
+                   help="output folder: new, outside every source folder")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace an output folder that mixload made (nothing else)")
     b.add_argument("--lock", action="store_true", help="also hash every planned tensor (reads them "
                                                        "all once): the engines refuse changed bytes")
     fetch = sub.add_parser("fetch", help="download into the Hugging Face cache only the shards "
@@ -129,11 +131,14 @@ def parser() -> argparse.ArgumentParser:
                                           "engines load natively (no plugin)")
     conv.add_argument("src", help="BF16/FP16 safetensors checkpoint folder")
     conv.add_argument("--to", required=True, choices=["fp8", "gptq-int4", "awq-int4", "ct-int4", "ct-fp8"])
-    conv.add_argument("--group", type=int, default=128, help="int4 group size (-1: per channel)")
+    conv.add_argument("--group", type=int, default=128,
+                      help="int4 group size in input columns (-1: one scale per output channel)")
     conv.add_argument("--calib", help="text file: GPTQ error compensation on its activations")
     conv.add_argument("--scale-dtype", choices=["F32", "BF16", "F16"], help="default: the format's usual")
-    conv.add_argument("-o", "--output", required=True, help="output folder (must not exist)")
-    conv.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    conv.add_argument("-o", "--output", required=True,
+                      help="output folder: new, outside the source (never the source itself)")
+    conv.add_argument("--overwrite", action="store_true",
+                      help="replace an output folder that mixload made (nothing else)")
     analyze_cli.add_parser(sub)
     return p
 
@@ -143,13 +148,43 @@ COMMANDS = {"plan": cmd_plan, "check": cmd_check, "explain": cmd_explain, "schem
             "analyze": analyze_cli.cmd_analyze}
 
 
+# Optional dependencies -> the extra that installs them (pyproject.toml).
+EXTRAS = {"torch": "formats", "transformers": "formats", "tokenizers": "formats",
+          "matplotlib": "analyze", "sglang": "sglang", "vllm": "vllm"}
+
+
+def missing_dependency(exc: ModuleNotFoundError, args: argparse.Namespace
+                       ) -> MissingDependency | None:
+    """The typed error for an optional dependency that is not installed (None for any other
+    missing module: that is a bug, its traceback is wanted)."""
+    module = (exc.name or "").partition(".")[0]
+    if module not in EXTRAS:
+        return None
+    # `serve sglang` needs the engine's whole stack, torch included: name the engine's extra.
+    extra = args.backend if args.command == "serve" and args.backend in EXTRAS else EXTRAS[module]
+    return MissingDependency(f"mixload {args.command} needs {module}, which is not installed",
+                             fix=f'pip install "mixload[{extra}]"')
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     # Wide enough for the plan table when piped (rich falls back to 80 columns).
     width = None if sys.stdout.isatty() else 160
     out, err = Console(width=width), Console(stderr=True, width=width)
     try:
-        return COMMANDS[args.command](args, out)
+        try:
+            return COMMANDS[args.command](args, out)
+        except OSError as exc:   # the catch-all; where the file is known, it is named already
+            raise os_error(exc, f"mixload {args.command}") from None
+        except ModuleNotFoundError as exc:
+            typed = missing_dependency(exc, args)
+            if typed is None:
+                raise
+            raise typed from None
+        except RecursionError:
+            raise ConfigError("the input nests too deeply to be read",
+                              file=getattr(args, "config", None),
+                              fix="flatten the nesting (a mix YAML is a few levels deep)") from None
     except MixloadError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         return 2

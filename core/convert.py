@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
+from . import output
 from .catalog import Module, modules
 from .errors import ConfigError, MixloadError, SourceError
 from .formats import Awq, CtFp8, CtInt4, Fp8, Gptq, WeightFormat
@@ -47,6 +47,10 @@ def target_format(to: str, group_size: int = 128) -> WeightFormat:
     """The format a `convert --to` name stands for."""
     if to not in TARGETS:
         raise ConfigError(f"unknown conversion target {to!r}", fix=f"use one of {', '.join(TARGETS)}")
+    if group_size == 0 or group_size < -1:
+        raise ConfigError(f"group size {group_size} is not a number of input columns",
+                          fix="use a positive group size (e.g. 128, --group 128) or -1 "
+                              "for one scale per output channel")
     return TARGETS[to](group_size)
 
 
@@ -69,8 +73,7 @@ def convert(src_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], to
     if src.formats:
         raise SourceError(f"the source is already quantized ({src.formats[0].label()})",
                           file=src.path, fix="convert from the bf16/fp16 checkpoint")
-    out = Path(out_dir)
-    _check_output(out, src.path, overwrite)
+    out = output.guard(out_dir, output.source_folders(src), overwrite)
     mods = modules(src.config, src.path / "config.json")
     linear = {f"{m.name}.weight": m for m in mods if m.kind in QUANTIZED_KINDS}
     missing = sorted(set(linear) - set(src.tensors))
@@ -82,10 +85,11 @@ def convert(src_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], to
     ignore = [m.name for m in mods if m.kind == "router"] + ["lm_head"]
     acts = _activations(src, Path(calib), fmt, linear) if calib is not None else {}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        errors = _write_weights(src, tmp, fmt, linear, acts, scale_dtype, max_shard_bytes, device)
+    errors: dict[str, float] = {}
+
+    def fill(tmp: Path) -> None:
+        errors.update(_write_weights(src, tmp, fmt, linear, acts, scale_dtype, max_shard_bytes,
+                                     device))
         config = dict(src.config)
         # GPTQ/AWQ exports conventionally say float16; we keep the source's dtype, because the
         # unquantized tensors stay in it and vLLM/SGLang run the model in `torch_dtype`
@@ -100,37 +104,10 @@ def convert(src_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], to
             "source": str(src.path), "format": fmt.label(), "scale_dtype": scale_dtype,
             "calibration": str(calib) if calib is not None else None,
             "calibrated": sorted(acts), "relative_error": errors}, indent=2) + "\n")
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    output.write(out, fill, "mixload convert")
     print(summary(errors, linear, fmt, out, ignore, calibrated=len(acts)))
     return out
-
-
-def _check_output(out: Path, src: Path, overwrite: bool) -> None:
-    if out.resolve() == src.resolve():
-        raise ConfigError("the output folder is the source folder", file=out,
-                          fix="write the converted checkpoint to a new folder")
-    if out.exists() and not overwrite:
-        raise ConfigError("the output folder already exists", file=out,
-                          fix="choose another folder, or pass overwrite=True (--overwrite)")
-
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an old one goes only once the new one is there."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / out.name)
-    try:
-        os.replace(tmp, out)
-    except OSError:
-        if old is not None:
-            os.replace(old / out.name, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def relative_error(w: Tensor, approx: Tensor) -> float:

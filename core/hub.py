@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import output
 from .convert import SIDE_FILES   # tokenizer and generation config, as `mixload build` copies
-from .errors import ConfigError, HeaderError, SourceError
+from .errors import ConfigError, HeaderError, SourceError, os_error
 from .sources import (INDEX, Source, TensorInfo, assemble, parse_header, read_config,
                       read_header, weight_files)
 
@@ -329,13 +330,23 @@ def fetch(plan: Plan, dry_run: bool = False) -> list[FetchRow]:
         raise ConfigError("mixload fetch downloads, and HF_HUB_OFFLINE is set",
                           file=plan.config.file, fix="unset HF_HUB_OFFLINE (or set it to 0)")
     rows = fetch_rows(plan)
+    local = {f for src in plan.sources.values() if src.hub is None
+             for f in output.source_folders(src)}
+    for row in rows:   # the cache may not overlap a local source (HF_HOME set inside one)
+        output.apart(plan.sources[row.source].path.parent.parent, local,
+                     what=f"the Hugging Face cache folder of {row.repo.repo_id}",
+                     fix="point HF_HOME (or HF_HUB_CACHE) outside every local source folder")
     if not dry_run:
         for row in rows:
             for f in row.files:
                 if f not in row.cached:
-                    with _hub_errors(row.source, row.repo.repo_id, row.repo.revision, f,
-                                     plan.config.file):
-                        hf_hub_download(row.repo.repo_id, f, revision=row.repo.commit)
+                    try:
+                        with _hub_errors(row.source, row.repo.repo_id, row.repo.revision, f,
+                                         plan.config.file):
+                            hf_hub_download(row.repo.repo_id, f, revision=row.repo.commit)
+                    except OSError as exc:   # disk full, read-only cache, ...
+                        raise os_error(exc, f"downloading {f} of {row.repo}",
+                                       exc.filename or plan.sources[row.source].path) from None
     return rows
 
 

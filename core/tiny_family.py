@@ -21,10 +21,12 @@ import math
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
+
+from . import output
+from .errors import OutputError
 
 if TYPE_CHECKING:
     import torch
@@ -187,22 +189,17 @@ def cache_root(cache_dir: Path | None = None) -> Path:
 
 
 def _atomic(dest: Path, build: Callable[[Path], None]) -> Path:
-    """`dest`, made by build(tmp) in a sibling temp folder then renamed into place.
+    """`dest`, made by build(tmp) in a sibling temp folder then renamed into place (output.py).
 
-    rename() of a folder onto an existing non-empty one fails, so of two racing builders the
-    loser drops its copy and uses the winner's; `dest` existing means it is complete."""
+    Of two racing builders the loser drops its copy and uses the winner's; `dest` existing
+    means it is complete."""
     if dest.is_dir():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
-        build(tmp)
-        os.rename(tmp, dest)
-    except OSError:
+        return output.write(dest, build, "mixload tiny_family", replace=False)
+    except OutputError:
         if not dest.is_dir():
             raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # a no-op once renamed
     return dest
 
 

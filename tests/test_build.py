@@ -9,7 +9,7 @@ import yaml
 
 from mixload.core.build import build
 from mixload.core.config import load
-from mixload.core.errors import ConfigError
+from mixload.core.errors import OutputError
 from mixload.core.plan import build_plan
 
 
@@ -36,8 +36,8 @@ def test_folder_has_config_plan_and_mix_but_no_weights(small_moe: dict[str, Path
     assert {k: v for k, v in config.items() if k != "quantization_config"} == base
     assert json.loads((out / "plan.json").read_text())["fingerprint"] == plan.fingerprint
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "files.json", "generation_config.json", "mix.yaml", "plan.json",
-        "tokenizer.json"]
+        ".mixload-output", "config.json", "files.json", "generation_config.json", "mix.yaml",
+        "plan.json", "tokenizer.json"]
     normalized = yaml.safe_load((out / "mix.yaml").read_text())
     assert normalized == {
         "sources": {"bf16": {"path": str(small_moe["bf16"])},
@@ -66,7 +66,7 @@ def test_refuses_to_overwrite_unless_told(small_moe: dict[str, Path], tmp_path: 
     mix = write_yaml(tmp_path / "mix.yaml", {"sources": {"bf16": "small/bf16"}})
     out = build(mix, tmp_path / "served")
     (out / "stale").write_text("x")
-    with pytest.raises(ConfigError, match="the output folder already exists"):
+    with pytest.raises(OutputError, match="the output folder already exists"):
         build(mix, out)
     assert (out / "stale").exists()
     build(mix, out, overwrite=True)

@@ -17,7 +17,7 @@ from transformers import (AutoModelForCausalLM, PretrainedConfig, PreTrainedToke
 
 from mixload.core.catalog import modules
 from mixload.core.convert import QUANTIZED_KINDS, REPORT, TARGETS, convert, target_format
-from mixload.core.errors import ConfigError, SourceError
+from mixload.core.errors import ConfigError, OutputError, SourceError
 from mixload.core.formats import Unquantized
 from mixload.core.sources import Source, open_source
 from mixload.core.tiny_family import write_random
@@ -146,7 +146,7 @@ def test_prints_a_summary_per_kind_of_module(moe, tmp_path, capsys):
 
 def test_refuses_to_overwrite_unless_asked(moe, tmp_path):
     out = convert(moe[0], tmp_path / "out", "fp8")
-    with pytest.raises(ConfigError, match="already exists") as exc:
+    with pytest.raises(OutputError, match="already exists") as exc:
         convert(moe[0], out, "ct-fp8")
     assert "overwrite=True" in (exc.value.fix or "")
     assert open_source("kept", out).formats == [target_format("fp8")]
@@ -172,7 +172,7 @@ def test_a_failed_conversion_leaves_nothing_behind(moe, tmp_path):
 def test_bad_requests_fail_before_anything_is_written(moe, tmp_path):
     with pytest.raises(ConfigError, match="unknown conversion target"):
         convert(moe[0], tmp_path / "a", "int3")
-    with pytest.raises(ConfigError, match="source folder"):
+    with pytest.raises(OutputError, match="is the source folder"):
         convert(moe[0], moe[0], "fp8", overwrite=True)
     with pytest.raises(ConfigError, match="int4 targets"):
         convert(moe[0], tmp_path / "b", "fp8", calib=tmp_path / "text.txt")
