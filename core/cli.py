@@ -83,8 +83,9 @@ def cmd_serve(args: argparse.Namespace, out: Console) -> int:
     rc = plugin_manager().hook.mixload_serve(backend=args.backend, argv=args.engine_args)
     if rc is None:
         raise ConfigError(f"no installed adapter serves {args.backend!r}",
-                          fix='install it: pip install "mixload[sglang]" (vLLM: `vllm serve '
-                              'FOLDER --load-format mixed` on a `mixload build` folder)')
+                          fix="the backends are vllm (`mixload serve vllm FOLDER`, a `mixload "
+                              "build` folder) and sglang (`mixload serve sglang "
+                              "--enable-mixed-precision ...`)")
     return rc
 
 
@@ -125,7 +126,8 @@ def parser() -> argparse.ArgumentParser:
     fetch.add_argument("--dry-run", action="store_true", help="report what would be downloaded")
     serve = sub.add_parser("serve", help="start an engine with mixload (e.g. mixload serve sglang "
                                          "--enable-mixed-precision --mixed-precision-config mix.yaml ...)")
-    serve.add_argument("backend", help="sglang")
+    serve.add_argument("backend", help="vllm (FOLDER from `mixload build`, then vLLM's flags) or "
+                                       "sglang (the seed's flags, then SGLang's)")
     serve.add_argument("engine_args", nargs=argparse.REMAINDER, help="the engine's own flags")
     conv = sub.add_parser("convert", help="quantize a BF16/FP16 checkpoint into a format the "
                                           "engines load natively (no plugin)")

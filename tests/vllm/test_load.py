@@ -4,7 +4,9 @@ tensor, when the plan and the engine disagree."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -174,3 +176,32 @@ def test_a_source_changed_since_build_is_refused(dense: dict[str, Path], tmp_pat
     save_file({k: v.half() for k, v in tensors.items()}, src / "model.safetensors")
     with pytest.raises(MixloadError, match="a source checkpoint changed since `mixload build`"):
         vs.engine_config(folder)
+
+
+@pytest.mark.parametrize("locked", [False, True])
+def test_a_checkpoint_rewritten_after_the_build_is_refused(dense: dict[str, Path], tmp_path: Path,
+                                                           locked: bool) -> None:
+    """Same layout, other bytes (a re-conversion in place): the fingerprint can't tell, the
+    loader's content check does, before vLLM gets a weight. With --lock even when the file's
+    mtime is put back."""
+    from mixload.adapters.vllm.loader import MixedModelLoader
+
+    src = tmp_path / "b"
+    shutil.copytree(dense["bf16-b"], src)
+    folder = build(vs.write_mix(tmp_path / "mix.yaml", {
+        "sources": {"a": str(dense["bf16"]), "b": str(src)}, "base": "a",
+        "rules": [{"match": "model.layers.1.*", "use": "b"}]}), tmp_path / "model", lock=locked)
+    shard = src / "model.safetensors"
+    stamp = shard.stat()
+    tensors = load_file(shard)
+    tensors["model.layers.1.mlp.down_proj.weight"] *= -1
+    save_file(tensors, shard, metadata={"format": "pt"})
+    if locked:
+        os.utime(shard, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+
+    config = vs.engine_config(folder)
+    with vs.engine_context(config), pytest.raises(MixloadError) as exc:
+        MixedModelLoader(config.load_config).load_model(config, config.model_config)
+    assert str(shard) in str(exc.value)
+    if locked:
+        assert "model.layers.1.mlp.down_proj.weight" in str(exc.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -100,22 +101,31 @@ def engine_config(folder: Path, dtype: str = "bfloat16") -> Any:
                       max_model_len=MAX_MODEL_LEN, skip_tokenizer_init=True).create_engine_config()
 
 
-def fresh_model(config: Any) -> torch.nn.Module:
-    """vLLM's model for a config, built with its quant methods as the loader builds it, with no
-    weights loaded and no engine started (so no kernel runs: works on any CPU)."""
+@contextmanager
+def engine_context(config: Any) -> Iterator[None]:
+    """What a vLLM worker holds while it builds and loads a model: the config, the default
+    dtype and one process group of one (made once per process)."""
     from vllm.config import set_current_vllm_config
     from vllm.distributed import (destroy_model_parallel, init_distributed_environment,
                                   initialize_model_parallel, model_parallel_is_initialized)
-    from vllm.model_executor.model_loader.utils import initialize_model
     from vllm.utils.torch_utils import set_default_torch_dtype
 
     with set_current_vllm_config(config), set_default_torch_dtype(config.model_config.dtype):
-        init_distributed_environment(   # one process group of one, made once per process
+        init_distributed_environment(
             world_size=1, rank=0, local_rank=0, backend="gloo",
             distributed_init_method=f"file://{tempfile.mktemp(prefix='mixload-dist-')}")
         if model_parallel_is_initialized():
             destroy_model_parallel()    # groups depend on the model (MoE adds the EP group)
         initialize_model_parallel(1, 1)
+        yield
+
+
+def fresh_model(config: Any) -> torch.nn.Module:
+    """vLLM's model for a config, built with its quant methods as the loader builds it, with no
+    weights loaded and no engine started (so no kernel runs: works on any CPU)."""
+    from vllm.model_executor.model_loader.utils import initialize_model
+
+    with engine_context(config):
         return initialize_model(vllm_config=config)
 
 
