@@ -165,26 +165,30 @@ def _choose(cfg: MixConfig, mods: list[Module]
             ) -> tuple[dict[str, tuple[str, str]], list[str], list[MixloadError]]:
     """module name -> (source, origin): first matching rule wins, else the base."""
     chosen: dict[str, tuple[str, str]] = {}
-    used = {r: False for r in cfg.rules}
+    rules, index = cfg.rules, cfg.index
+    used = [False] * len(rules)
     problems: list[MixloadError] = []
     for m in mods:
-        hits = [r for r in cfg.rules if r.matches(m.name)]
-        if hits:
-            used[hits[0]] = True
-            chosen[m.name] = (hits[0].use, hits[0].origin)
-            # Seed mappings are a dict of names: two keys for one module must agree.
-            clash = [r for r in hits[1:] if r.exact and r.use != hits[0].use]
-            if hits[0].exact and clash:
-                problems.append(ConfigError(
-                    f"module {m.name} is mapped twice: {hits[0].use} and {clash[0].use}",
-                    file=cfg.file, rule=f"{hits[0].origin}; {clash[0].origin}",
-                    fix="keep one entry for this module"))
-        else:
+        i = index.first(m.name)
+        if i is None:
             chosen[m.name] = (cfg.base, f"base ({cfg.base})")
+            continue
+        used[i] = True
+        chosen[m.name] = (rules[i].use, rules[i].origin)
+        if rules[i].exact:   # seed mappings are a dict of names: two keys for one module must agree
+            clash = next((rules[j] for j in index.naming(m.name) if j > i and rules[j].exact
+                          and rules[j].use != rules[i].use), None)
+            if clash:
+                problems.append(ConfigError(
+                    f"module {m.name} is mapped twice: {rules[i].use} and {clash.use}",
+                    file=cfg.file, rule=f"{rules[i].origin}; {clash.origin}",
+                    fix="keep one entry for this module"))
     # A rule that matches nothing loads nothing wrong, so it is a warning, not a failure: the
     # seed's own example maps dense `mlp.gate_proj` names that a MoE model does not have.
-    unused = [f"{r.origin} matches no module of the model" for r, hit in used.items()
-              if not hit and not any(r.matches(m.name) for m in mods)]
+    names = chosen.keys()
+    unused = [f"{r.origin} matches no module of the model" for r, hit in zip(rules, used)
+              if not hit and (names.isdisjoint(r.names) if r.names is not None
+                              else not any(r.matches(n) for n in names))]
     return chosen, unused, problems
 
 
