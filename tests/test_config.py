@@ -135,7 +135,7 @@ def test_a_1kb_alias_bomb_fails_fast(tmp_path: Path) -> None:
     # "billion laughs": 9 levels of 9 aliases each, 9^9 values from 1 KB of text
     text = "a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
         f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
-    text += "sources: {x: /x}\nrules: *i\n"
+    text += "sources: {x: /x}\non_conflict: *i\n"
     assert len(text) < 1024
     t = time.perf_counter()
     with pytest.raises(ConfigError, match="alias bomb(.|\n)*fix: write the values out"):
