@@ -415,6 +415,17 @@ class StrictLoader(Composer, *_PARSER, SafeConstructor, Resolver):  # type: igno
             stack.pop()
         return self.sizes[id(node)]
 
+    def construct_object(self, node: Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, IndexError, AttributeError, TypeError, OverflowError) as exc:
+            # PyYAML's own constructors on a value they can't make: `!!int`, `2024-13-45`
+            tag = node.tag.removeprefix("tag:yaml.org,2002:")
+            what = repr(node.value) if isinstance(node, ScalarNode) else "the value"
+            raise ConfigError(f"line {node.start_mark.line + 1}: {what} is not a valid {tag} "
+                              f"({exc})", file=self.file,
+                              fix="quote the value to make it a string, or fix it") from None
+
     def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, Node] = {}
         for key_node, _ in node.value:
@@ -458,8 +469,7 @@ def load(path: str | os.PathLike[str]) -> MixConfig:
     try:
         with gc_paused():
             data = loader.get_single_data()
-    except (yaml.YAMLError, ValueError, OverflowError) as exc:
-        # ValueError / OverflowError: an explicit tag PyYAML can't make (!!int x, 2024-13-45)
+    except yaml.YAMLError as exc:
         raise ConfigError(f"malformed YAML: {exc}", file=file, fix="fix the YAML syntax") from None
     finally:
         loader.dispose()
