@@ -466,14 +466,15 @@ def load(path: str | os.PathLike[str]) -> MixConfig:
                           f"{line}", file=file,
                           fix="save it as UTF-8 (your editor's 'save with encoding')") from None
     loader = StrictLoader(text, file)
-    try:
-        with gc_paused():
+    with gc_paused():
+        try:
             data = loader.get_single_data()
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"malformed YAML: {exc}", file=file, fix="fix the YAML syntax") from None
-    finally:
-        loader.dispose()
-    return parse(data, file)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"malformed YAML: {exc}", file=file,
+                              fix="fix the YAML syntax") from None
+        finally:
+            loader.dispose()
+        return parse(data, file)
 
 
 def json_schema() -> str:
