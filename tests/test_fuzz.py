@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mixload.core import config
-from mixload.core.errors import ConfigError, MixloadError
+from mixload.core.errors import MixloadError
 from mixload.core.sources import read_header
 
 scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.text(max_size=12) | st.floats()
@@ -103,7 +103,7 @@ def test_a_duplicate_key_is_caught_wherever_it_is(doc: dict, data: st.DataObject
         p.write_text(_flow_yaml(doc, dup), encoding="utf-8")
         try:
             config.load(p)
-        except ConfigError as exc:
+        except MixloadError as exc:
             assert f"key {next(iter(dup))!r} is written twice" in str(exc)
             return
     raise AssertionError("a duplicate key was loaded silently")
