@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from yaml.composer import Composer
 from yaml.constructor import SafeConstructor
 from yaml.events import AliasEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.resolver import Resolver
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ConfigError
 from .hub import is_hub_id
@@ -214,7 +214,7 @@ def compile_rule(rule: NormalizedRule, where: str, file: object) -> NormalizedRu
     if rule.names is not None:
         return rule    # a spelled-out name: nothing to compile
     try:
-        rule.regexes   # noqa: B018 (compiles and caches)
+        rule.regexes   # compiles and caches them
     except (re.error, RecursionError, OverflowError) as exc:
         why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         fix = ("put inline flags at the very start (re:(?i)model\\..*) or scope them: (?i:...)"
@@ -359,16 +359,16 @@ class StrictLoader(Composer, *_PARSER, SafeConstructor, Resolver):  # type: igno
         Resolver.__init__(self)
         self.file = file
         self.depth = 0
-        self.open: set[str] = set()        # anchors of the nodes being composed
-        self.sizes: dict[int, int] = {}      # id(node) -> nodes it stands for, aliases expanded
-        self.expanded = 0                    # nodes the aliases so far added
+        self.open: set[str] = set()       # anchors of the nodes being composed
+        self.sizes: dict[int, int] = {}   # id(node) -> nodes it stands for, aliases expanded
+        self.expanded = 0                 # nodes the aliases so far added
         self.budget = len(text) + ALIAS_FLOOR
 
     def compose_node(self, parent: Node | None, index: object) -> Node:
         event = self.peek_event()
         if self.depth >= MAX_DEPTH:
             raise ConfigError(f"the YAML is nested more than {MAX_DEPTH} levels deep (line "
-                              f"{event.start_mark.line + 1}); a mix config needs 4",
+                              f"{event.start_mark.line + 1}); a mix config has 4",
                               file=self.file, fix="flatten it: `rules:` is a list of {match, use} "
                                                   "mappings")
         anchor = event.anchor
