@@ -10,7 +10,6 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import analyze_cli, config as config_mod
-from .config import NormalizedRule
 from .errors import ConfigError, MissingDependency, MixloadError, os_error
 from .plan import Plan, build_plan
 
@@ -43,8 +42,7 @@ def cmd_check(args: argparse.Namespace, out: Console) -> int:
 
 def cmd_explain(args: argparse.Namespace, out: Console) -> int:
     plan = _plan(args)
-    probe = NormalizedRule(args.name, "", "", exact=not any(c in args.name for c in "*?[")
-                           and not args.name.startswith("re:"))
+    probe = config_mod.probe(args.name, args.config)
     rows = [a for a in plan.assignments if probe.matches(a.module.name)]
     if not rows:
         raise ConfigError(f"no module of the model is named {args.name!r}", file=args.config,

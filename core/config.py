@@ -10,16 +10,24 @@ A path is a folder, or a Hugging Face id (`org/name`) when no such folder exists
 from __future__ import annotations
 
 import fnmatch
+import gc
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from yaml.composer import Composer
+from yaml.constructor import SafeConstructor
+from yaml.events import AliasEvent
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.resolver import Resolver
 
 from .errors import ConfigError
 from .hub import is_hub_id
@@ -103,11 +111,62 @@ class NormalizedRule:
     origin: str        # where the user wrote it, for `explain` and error messages
     exact: bool = False
 
-    def matches(self, module: str) -> bool:
+    @cached_property
+    def names(self) -> frozenset[str] | None:
+        """The module names the rule matches when it spells them out (a dict lookup), else None."""
         if self.exact:
-            return module in _exact_names(self.pattern)
-        rx = _compiled(self.pattern)   # names may be written with or without `.weight`
-        return rx.fullmatch(module) is not None or rx.fullmatch(module + ".weight") is not None
+            return frozenset(strip_suffix(n) for n in _expand_fused(self.pattern))
+        if not _is_literal(self.pattern):
+            return None
+        # a glob without wildcards matches itself, as a module or as its `.weight` tensor
+        return frozenset(n2 for n in _expand_fused(self.pattern)
+                         for n2 in (n, n.removesuffix(".weight")))
+
+    @cached_property
+    def regexes(self) -> tuple[re.Pattern[str], ...]:
+        """One compiled regex per fused-name expansion, each on its own so that a named group
+        or a leading inline flag like (?i) stays valid."""
+        return tuple(re.compile(p[3:] if p.startswith("re:") else fnmatch.translate(p))
+                     for p in _expand_fused(self.pattern))
+
+    def matches(self, module: str) -> bool:
+        if self.names is not None:
+            return module in self.names
+        # names may be written with or without `.weight`
+        return any(rx.fullmatch(module) is not None or rx.fullmatch(module + ".weight") is not None
+                   for rx in self.regexes)
+
+
+class RuleIndex:
+    """First match wins, without trying every rule for every module: spelled-out names are one
+    dict lookup, and only the pattern rules written before the first name hit are tried, in
+    order (18k seed names or 100k rules against 37k modules)."""
+
+    def __init__(self, rules: tuple[NormalizedRule, ...]) -> None:
+        self.rules = rules
+        self.by_name: dict[str, list[int]] = {}     # module -> indices of the rules naming it
+        self.patterns: list[int] = []
+        for i, r in enumerate(rules):
+            if r.names is None:
+                self.patterns.append(i)
+            else:
+                for n in r.names:
+                    self.by_name.setdefault(n, []).append(i)
+
+    def first(self, module: str) -> int | None:
+        """Index of the first rule that matches `module`, or None."""
+        named = self.by_name.get(module)
+        stop = named[0] if named else len(self.rules)
+        for i in self.patterns:
+            if i >= stop:
+                break
+            if self.rules[i].matches(module):
+                return i
+        return named[0] if named else None
+
+    def naming(self, module: str) -> list[int]:
+        """Indices of every rule that names `module` outright, in order."""
+        return self.by_name.get(module, [])
 
 
 @dataclass(frozen=True)
@@ -118,6 +177,10 @@ class MixConfig:
     rules: tuple[NormalizedRule, ...]
     on_conflict: OnConflict
     form: Literal["seed", "rules"]
+
+    @cached_property
+    def index(self) -> RuleIndex:
+        return RuleIndex(self.rules)
 
 
 TINY = "tiny:"   # a source like `tiny:qwen3-moe/gptq-int4`: core/tiny_family.py
@@ -142,16 +205,31 @@ def strip_suffix(name: str) -> str:
     return head if head and tail in TENSOR_SUFFIXES else name
 
 
-@lru_cache(maxsize=None)
-def _exact_names(name: str) -> frozenset[str]:
-    return frozenset(strip_suffix(n) for n in _expand_fused(name))
+def _is_literal(pattern: str) -> bool:
+    return not (pattern.startswith("re:") or "*" in pattern or "?" in pattern or "[" in pattern)
 
 
-@lru_cache(maxsize=None)
-def _compiled(pattern: str) -> re.Pattern[str]:
-    """One regex for a rule and its fused-name expansions (compiled once: 150k modules)."""
-    parts = [p[3:] if p.startswith("re:") else fnmatch.translate(p) for p in _expand_fused(pattern)]
-    return re.compile("|".join(f"(?:{p})" for p in parts))
+def compile_rule(rule: NormalizedRule, where: str, file: object) -> NormalizedRule:
+    """Compile one rule now, so a bad pattern is a ConfigError naming it, not a traceback mid-plan."""
+    if rule.names is not None:
+        return rule    # a spelled-out name: nothing to compile
+    try:
+        rule.regexes   # compiles and caches them
+    except (re.error, RecursionError, OverflowError) as exc:
+        why = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        fix = ("put inline flags at the very start (re:(?i)model\\..*) or scope them: (?i:...)"
+               if "global flags" in why else
+               "fix the regex (Python `re` syntax, full match; in YAML double quotes write \\\\. "
+               "for a literal dot), or write a glob such as '*.mlp.experts.*'")
+        raise ConfigError(f"invalid regex in {where}: {why}", file=file, rule=rule.origin,
+                          fix=fix) from None
+    return rule
+
+
+def probe(name: str, file: object) -> NormalizedRule:
+    """What `mixload explain NAME` matches with: a module or tensor name, a glob, or re:regex."""
+    return compile_rule(NormalizedRule(name, "", f"explain {name!r}", exact=_is_literal(name)),
+                        f"the name {name!r}", file)
 
 
 def _resolve_path(raw: str, yaml_dir: Path) -> str:
@@ -178,26 +256,27 @@ def _validation_error(exc: ValidationError, file: Path) -> ConfigError:
                        fix="see `mixload schema` for every key and allowed value")
 
 
+_START = ("start it with `sources:` and `rules:` (rule form) or `mixed_precision:` (seed form); "
+          "`mixload schema` lists every key, configs/ has examples")
+
+
+def _yaml_kind(data: object) -> str:
+    return {list: "list", str: "string", bool: "boolean"}.get(type(data), f"{type(data).__name__} value")
+
+
 def parse(data: Any, file: Path) -> MixConfig:
     """Validate a YAML document (already parsed) and normalize it."""
+    if data is None:
+        raise ConfigError("the mix config is empty", file=file, fix=_START)
     if not isinstance(data, dict):
-        raise ConfigError("a mix config must be a mapping with `mixed_precision:` (seed form) "
-                          "or `sources:` (rule form)", file=file)
+        raise ConfigError(f"a mix config must be a mapping, not a {_yaml_kind(data)}", file=file,
+                          fix=_START)
     try:
         if "mixed_precision" in data:
             return _normalize_seed(SeedForm.model_validate(data).mixed_precision, file)
         return _normalize_rules(RuleForm.model_validate(data), file)
     except ValidationError as exc:
         raise _validation_error(exc, file) from None
-
-
-def _check_pattern(rule: NormalizedRule, file: Path) -> None:
-    if rule.pattern.startswith("re:"):
-        try:
-            re.compile(rule.pattern[3:])
-        except re.error as exc:
-            raise ConfigError(f"invalid regex: {exc}", file=file, rule=rule.origin,
-                              fix="escape dots as \\\\. in YAML double quotes") from None
 
 
 def _normalize_rules(form: RuleForm, file: Path) -> MixConfig:
@@ -209,10 +288,9 @@ def _normalize_rules(form: RuleForm, file: Path) -> MixConfig:
         if s.revision and not is_hub_id(s.path):
             raise ConfigError(f"sources.{n}.revision is set but {s.path} is a local folder",
                               file=file, fix="revision applies to Hugging Face ids only; remove it")
-    rules = tuple(NormalizedRule(r.match, r.use, f"rules[{i}]: match {r.match!r} -> {r.use}")
+    rules = tuple(compile_rule(NormalizedRule(r.match, r.use, f"rules[{i}]: match {r.match!r} -> {r.use}"),
+                               f"rule {i + 1} of `rules:`", file)
                   for i, r in enumerate(form.rules))
-    for r in rules:
-        _check_pattern(r, file)
     return MixConfig(file, specs, form.base or next(iter(specs)), rules, form.on_conflict, "rules")
 
 
@@ -243,20 +321,160 @@ def _same_path(a: str, b: str) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cycle collector: loading or planning makes hundreds of thousands of small
+    acyclic objects, which it would rescan over and over (measured: 2/3 of loading 100k rules,
+    half of a 235B plan) and can free nothing."""
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if paused:
+            gc.enable()
+
+
+# The mix YAML loader ------------------------------------------------------------------------
+
+MAX_DEPTH = 32        # a mix config is 4 levels deep (top, `rules:`, one rule, its `match:`)
+ALIAS_FLOOR = 1000    # nodes aliases may add beyond the file's own size (an anchor reused a few times)
+# libyaml parses ~4x faster (a 100k-rule config); the composer above it is always PyYAML's own
+# Python one, so depth and aliases are checked as the nodes are made, whichever parser runs.
+_PARSER: tuple[type, ...] = ((yaml.cyaml.CParser,) if yaml.__with_libyaml__ else
+                             (yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser))
+
+
+class StrictLoader(Composer, *_PARSER, SafeConstructor, Resolver):  # type: ignore[misc]
+    """PyYAML's safe loader, refusing what it would let through silently: a key written twice
+    (PyYAML keeps the last), aliases that expand far beyond the file (a 1 KB "billion laughs"
+    makes 10^9 nodes) or that contain themselves, and nesting deep enough to exhaust the stack."""
+
+    def __init__(self, text: str, file: Path) -> None:
+        _PARSER[0].__init__(self, text)   # CParser or Reader takes the text
+        for base in _PARSER[1:]:
+            base.__init__(self)
+        Composer.__init__(self)
+        SafeConstructor.__init__(self)
+        Resolver.__init__(self)
+        self.file = file
+        self.depth = 0
+        self.open: set[str] = set()       # anchors of the nodes being composed
+        self.sizes: dict[int, int] = {}   # id(node) -> nodes it stands for, aliases expanded
+        self.expanded = 0                 # nodes the aliases so far added
+        self.budget = len(text) + ALIAS_FLOOR
+
+    def compose_node(self, parent: Node | None, index: object) -> Node:
+        event = self.peek_event()
+        if self.depth >= MAX_DEPTH:
+            raise ConfigError(f"the YAML is nested more than {MAX_DEPTH} levels deep (line "
+                              f"{event.start_mark.line + 1}); a mix config has 4",
+                              file=self.file, fix="flatten it: `rules:` is a list of {match, use} "
+                                                  "mappings")
+        anchor = event.anchor
+        if isinstance(event, AliasEvent):
+            if anchor in self.open:
+                raise ConfigError(f"alias *{anchor} (line {event.start_mark.line + 1}) is used "
+                                  "inside its own anchor: the structure would be infinite",
+                                  file=self.file,
+                                  fix=f"use *{anchor} only after the value anchored &{anchor} ends")
+            node = super().compose_node(parent, index)
+            self.expanded += self._size(node) - 1
+            if self.expanded > self.budget:
+                raise ConfigError(
+                    f"the YAML's aliases expand to more than {self.budget} values (at line "
+                    f"{event.start_mark.line + 1}), far more than its {self.budget - ALIAS_FLOOR} "
+                    "characters hold: an alias bomb", file=self.file,
+                    fix="write the values out, or reuse an anchor (&name / *name) only a few times")
+            return node
+        if anchor is not None:
+            self.open.add(anchor)
+        self.depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+            self.open.discard(anchor)
+
+    def _size(self, node: Node) -> int:
+        """Nodes `node` stands for with its aliases expanded; memoized, so a bomb costs its size
+        in digits, not in nodes."""
+        stack = [node]
+        while stack:
+            n = stack[-1]
+            if id(n) in self.sizes:
+                stack.pop()
+                continue
+            kids = (() if isinstance(n, ScalarNode) else n.value if isinstance(n, SequenceNode)
+                    else [x for pair in n.value for x in pair])
+            todo = [k for k in kids if id(k) not in self.sizes]
+            if todo:
+                stack += todo
+                continue
+            self.sizes[id(n)] = 1 + sum(self.sizes[id(k)] for k in kids)
+            stack.pop()
+        return self.sizes[id(node)]
+
+    def construct_object(self, node: Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, IndexError, AttributeError, TypeError, OverflowError) as exc:
+            # PyYAML's own constructors on a value they can't make: `!!int`, `2024-13-45`
+            tag = node.tag.removeprefix("tag:yaml.org,2002:")
+            what = repr(node.value) if isinstance(node, ScalarNode) else "the value"
+            raise ConfigError(f"line {node.start_mark.line + 1}: {what} is not a valid {tag} "
+                              f"({exc})", file=self.file,
+                              fix="quote the value to make it a string, or fix it") from None
+
+    def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, Node] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue   # `<<: *defaults` keys are meant to be overridden; others are unhashable
+            key = self.construct_object(key_node)
+            try:
+                first = seen.setdefault(key, key_node)
+            except TypeError:
+                continue
+            if first is not key_node:
+                raise ConfigError(
+                    f"key {key!r} is written twice in one mapping (lines "
+                    f"{first.start_mark.line + 1} and {key_node.start_mark.line + 1}); YAML keeps "
+                    "only the last, so the first would be silently ignored", file=self.file,
+                    fix=f"keep one {key!r}: merge the two into one, or delete the one you don't mean")
+        return super().construct_mapping(node, deep)
+
+
 def load(path: str | os.PathLike[str]) -> MixConfig:
     """Read and validate a mix YAML; every problem is a ConfigError naming the file and key."""
     file = Path(path)
     try:
-        text = file.read_text(encoding="utf-8")
+        raw = file.read_bytes()
     except FileNotFoundError:
         raise ConfigError("mix config not found", file=file, fix="check the path") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"can't read the mix config: {exc}", file=file) from None
+    except IsADirectoryError:
+        raise ConfigError("the mix config is a folder", file=file,
+                          fix="give the mix YAML file itself") from None
+    except OSError as exc:
+        raise ConfigError(f"can't read the mix config: {exc.strerror or exc}", file=file,
+                          fix="check the path and its permissions") from None
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"malformed YAML: {exc}", file=file, fix="fix the YAML syntax") from None
-    return parse(data, file)
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"the mix config is not UTF-8 text: byte 0x{raw[exc.start]:02x} at line "
+                          f"{line}", file=file,
+                          fix="save it as UTF-8 (your editor's 'save with encoding')") from None
+    loader = StrictLoader(text, file)
+    with gc_paused():
+        try:
+            data = loader.get_single_data()
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"malformed YAML: {exc}", file=file,
+                              fix="fix the YAML syntax") from None
+        finally:
+            loader.dispose()
+        return parse(data, file)
 
 
 def json_schema() -> str:

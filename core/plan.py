@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import re
@@ -16,7 +15,7 @@ from typing import Any
 
 from . import catalog
 from .catalog import Module
-from .config import TENSOR_SUFFIXES, MixConfig
+from .config import TENSOR_SUFFIXES, MixConfig, gc_paused
 from .errors import ConfigError, MixloadError, PlanError
 from .formats import Unquantized, WeightFormat, shape_matches
 from .formats.base import FLOAT_DTYPES
@@ -165,26 +164,30 @@ def _choose(cfg: MixConfig, mods: list[Module]
             ) -> tuple[dict[str, tuple[str, str]], list[str], list[MixloadError]]:
     """module name -> (source, origin): first matching rule wins, else the base."""
     chosen: dict[str, tuple[str, str]] = {}
-    used = {r: False for r in cfg.rules}
+    rules, index = cfg.rules, cfg.index
+    used = [False] * len(rules)
     problems: list[MixloadError] = []
     for m in mods:
-        hits = [r for r in cfg.rules if r.matches(m.name)]
-        if hits:
-            used[hits[0]] = True
-            chosen[m.name] = (hits[0].use, hits[0].origin)
-            # Seed mappings are a dict of names: two keys for one module must agree.
-            clash = [r for r in hits[1:] if r.exact and r.use != hits[0].use]
-            if hits[0].exact and clash:
-                problems.append(ConfigError(
-                    f"module {m.name} is mapped twice: {hits[0].use} and {clash[0].use}",
-                    file=cfg.file, rule=f"{hits[0].origin}; {clash[0].origin}",
-                    fix="keep one entry for this module"))
-        else:
+        i = index.first(m.name)
+        if i is None:
             chosen[m.name] = (cfg.base, f"base ({cfg.base})")
+            continue
+        used[i] = True
+        chosen[m.name] = (rules[i].use, rules[i].origin)
+        if rules[i].exact:   # seed mappings are a dict of names: two keys for one module must agree
+            clash = next((rules[j] for j in index.naming(m.name) if j > i and rules[j].exact
+                          and rules[j].use != rules[i].use), None)
+            if clash:
+                problems.append(ConfigError(
+                    f"module {m.name} is mapped twice: {rules[i].use} and {clash.use}",
+                    file=cfg.file, rule=f"{rules[i].origin}; {clash.origin}",
+                    fix="keep one entry for this module"))
     # A rule that matches nothing loads nothing wrong, so it is a warning, not a failure: the
     # seed's own example maps dense `mlp.gate_proj` names that a MoE model does not have.
-    unused = [f"{r.origin} matches no module of the model" for r, hit in used.items()
-              if not hit and not any(r.matches(m.name) for m in mods)]
+    names = chosen.keys()
+    unused = [f"{r.origin} matches no module of the model" for r, hit in zip(rules, used)
+              if not hit and (names.isdisjoint(r.names) if r.names is not None
+                              else not any(r.matches(n) for n in names))]
     return chosen, unused, problems
 
 
@@ -196,37 +199,38 @@ def _format_of(src: Source, m: Module) -> WeightFormat | None:
 
 
 @lru_cache(maxsize=None)
-def _dtypes(fmt: WeightFormat) -> dict[str, frozenset[str]]:
-    return fmt.tensor_dtypes()
+def _expected(fmt: WeightFormat, shape: tuple[int, ...], linear: bool
+              ) -> tuple[tuple[str, tuple[int, ...], frozenset[str]], ...]:
+    """(suffix, shape, allowed dtypes) of each tensor a module of this shape has in `fmt`
+    (cached: the 37k modules of a 235B come in a handful of format and shape pairs)."""
+    shapes = {**fmt.tensor_shapes(*shape), "bias": (shape[0],)} if linear else {"weight": shape}
+    dtypes = fmt.tensor_dtypes()
+    return tuple((s, tuple(sh), dtypes.get(s, FLOAT_DTYPES)) for s, sh in shapes.items())
 
 
 def _tensors(src: Source, m: Module, fmt: WeightFormat, mix_file: Path
              ) -> tuple[dict[str, TensorInfo], list[MixloadError]]:
-    expected = fmt.tensor_shapes(*m.shape) if m.linear else {"weight": m.shape}
-    if m.linear:
-        expected = {**expected, "bias": (m.shape[0],)}
-    dtypes = _dtypes(fmt)
     found, problems = {}, []
-    for suffix, shape in expected.items():
+    for suffix, shape, allowed in _expected(fmt, m.shape, m.linear):
         name = f"{m.name}.{suffix}"
         t = src.tensors.get(name)
         if t is None:
-            uncached = not_cached(src, [name], mix_file)
+            uncached = not_cached(src, [name], mix_file) if src.uncached else None
             if uncached or suffix not in fmt.optional:
                 problems.append(uncached or MixloadError(
                     f"source {src.name!r} ({fmt.label()}) lacks a tensor this module needs",
                     file=src.path, tensor=name,
                     fix="use a source that has it, or check that the sources are the same model"))
             continue
-        if not shape_matches(shape, t.shape):
+        if t.shape != shape and not shape_matches(shape, t.shape):
             problems.append(MixloadError(
                 f"shape {list(t.shape)} does not match the model: {fmt.label()} of a "
                 f"{'x'.join(map(str, m.shape))} module needs {list(shape)}",
                 file=t.file, tensor=name, fix="the sources must be checkpoints of one model"))
-        elif t.dtype not in dtypes.get(suffix, FLOAT_DTYPES):
+        elif t.dtype not in allowed:
             problems.append(MixloadError(
                 f"dtype {t.dtype} is not valid for {fmt.label()} (expected "
-                f"{'/'.join(sorted(dtypes[suffix]))})", file=t.file, tensor=name))
+                f"{'/'.join(sorted(allowed))})", file=t.file, tensor=name))
         found[suffix] = t
     return found, problems
 
@@ -238,8 +242,10 @@ def _short(name: str) -> str:
 
 
 def _resolve_groups(cfg: MixConfig, sources: dict[str, Source], mods: list[Module],
-                    chosen: dict[str, tuple[str, str]]) -> tuple[dict[str, str], list[str], list[MixloadError]]:
-    """Make every fused group one format (on_conflict); returns module -> note."""
+                    chosen: dict[str, tuple[str, str]], formats: dict[str, WeightFormat | None]
+                    ) -> tuple[dict[str, str], list[str], list[MixloadError]]:
+    """Make every fused group one format (on_conflict); returns module -> note, and fills
+    `formats` with the format of every grouped module in its chosen source."""
     notes: dict[str, str] = {}
     warnings: list[str] = []
     problems: list[MixloadError] = []
@@ -254,6 +260,7 @@ def _resolve_groups(cfg: MixConfig, sources: dict[str, Source], mods: list[Modul
             continue
         fmts = {m.name: _format_of(sources[chosen[m.name][0]], m) for m in members
                 if chosen[m.name][0] in sources}
+        formats.update(fmts)
         if None in fmts.values() or len(set(fmts.values())) < 2:
             continue   # missing tensors are reported per module
         split: dict[str, list[str]] = defaultdict(list)
@@ -350,15 +357,8 @@ def _ranges(xs: list[int]) -> str:
 
 def build_plan(cfg: MixConfig, tp: int = 1, ep: int = 1) -> Plan:
     """Resolve every module; raise PlanError listing every problem if anything is wrong."""
-    # Hundreds of thousands of small acyclic objects: the cycle collector would rescan them
-    # over and over (measured: half the time of a 235B plan) and can free nothing.
-    paused = gc.isenabled()
-    gc.disable()
-    try:
+    with gc_paused():
         return _build_plan(cfg, tp, ep)
-    finally:
-        if paused:
-            gc.enable()
 
 
 def _build_plan(cfg: MixConfig, tp: int, ep: int) -> Plan:
@@ -370,7 +370,8 @@ def _build_plan(cfg: MixConfig, tp: int, ep: int) -> Plan:
     problems += _check_arch(sources, cfg.base)
     chosen, unused, chosen_problems = _choose(cfg, mods)
     problems += chosen_problems
-    notes, warnings, group_problems = _resolve_groups(cfg, sources, mods, chosen)
+    formats: dict[str, WeightFormat | None] = {}
+    notes, warnings, group_problems = _resolve_groups(cfg, sources, mods, chosen, formats)
     warnings = unused + warnings
     problems += group_problems
     rows: list[Assignment] = []
@@ -379,7 +380,10 @@ def _build_plan(cfg: MixConfig, tp: int, ep: int) -> Plan:
         src = sources.get(name)
         if src is None:
             continue   # that source failed to open; already reported
-        fmt = _format_of(src, m)
+        # on_conflict moved the noted modules to another source: their format is that one's
+        fmt = formats.get(m.name) if m.name not in notes else None
+        if fmt is None:
+            fmt = _format_of(src, m)
         if fmt is None:
             problems.append(not_cached(src, [f"{m.name}.{s}" for s in TENSOR_SUFFIXES], cfg.file)
                             or MixloadError(

@@ -37,16 +37,78 @@ def test_config_parser_raises_only_config_errors(data: object) -> None:
         pass
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.text(max_size=200))
-def test_yaml_text_raises_only_config_errors(text: str) -> None:
+# YAML-ish text: the tokens that make anchors, aliases, merges, tags, nesting and duplicates.
+yaml_tokens = st.sampled_from(["sources", "rules", "match", "use", "base", "mixed_precision",
+                               "weight_mapping", "fp8", "a", ":", ": ", " ", "  ", "\n", "- ", "[",
+                               "]", "{", "}", ", ", "&a ", "*a", "&b ", "*b", "<<: ", "? ", "!!int ",
+                               "!!binary ", "!!timestamp ", "2024-13-45", "'", '"', "#", "---\n",
+                               "\t", "\x00", "\ufeff", "é", "re:(", "*.mlp.*", "~", "1e999"])
+yaml_texts = st.text(max_size=200) | st.lists(yaml_tokens, max_size=60).map("".join)
+
+
+def _load(content: str | bytes) -> None:
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "mix.yaml"
-        p.write_text(text, encoding="utf-8")
+        if isinstance(content, str):
+            p.write_text(content, encoding="utf-8")
+        else:
+            p.write_bytes(content)
         try:
             config.load(p)
         except MixloadError:
             pass
+
+
+@settings(max_examples=400, deadline=None)
+@given(yaml_texts)
+def test_yaml_text_raises_only_config_errors(text: str) -> None:
+    _load(text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200) | yaml_texts.map(lambda t: t.encode("utf-16")))
+def test_yaml_bytes_raise_only_config_errors(blob: bytes) -> None:
+    _load(blob)
+
+
+def _flow_yaml(value: object, dup: object) -> str:
+    """`value` as flow-style YAML, one mapping key per line, with the first key of the mapping
+    `dup` written a second time (with another value) at its end."""
+    if isinstance(value, dict):
+        items = [f"{json.dumps(k)}: {_flow_yaml(v, dup)}" for k, v in value.items()]
+        if value is dup:
+            items.append(f"{json.dumps(next(iter(value)))}: [again]")
+        return "{\n" + ",\n".join(items) + "\n}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_flow_yaml(v, dup) for v in value) + "]"
+    return json.dumps(value)
+
+
+def _mappings(value: object) -> list[dict]:
+    if isinstance(value, dict):
+        return [value] + [m for v in value.values() for m in _mappings(v)]
+    return [m for v in value for m in _mappings(v)] if isinstance(value, list) else []
+
+
+plain = st.none() | st.booleans() | st.integers(-9, 9) | st.text("abc._*", max_size=6)
+documents = st.recursive(plain, lambda inner: st.lists(inner, max_size=3)
+                         | st.dictionaries(keys | st.text("xyz", min_size=1, max_size=3), inner,
+                                           min_size=1, max_size=4), max_leaves=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(keys, documents, min_size=1, max_size=4), st.data())
+def test_a_duplicate_key_is_caught_wherever_it_is(doc: dict, data: st.DataObject) -> None:
+    dup = data.draw(st.sampled_from(_mappings(doc)))
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "mix.yaml"
+        p.write_text(_flow_yaml(doc, dup), encoding="utf-8")
+        try:
+            config.load(p)
+        except MixloadError as exc:
+            assert f"key {next(iter(dup))!r} is written twice" in str(exc)
+            return
+    raise AssertionError("a duplicate key was loaded silently")
 
 
 entries = st.fixed_dictionaries({}, optional={

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -154,3 +155,43 @@ def test_fingerprint_is_stable_and_sensitive(small_moe: dict[str, Path], tmp_pat
     b = build_plan(_mix(tmp_path, small_moe, **CLASSIC), tp=2)
     c = build_plan(_mix(tmp_path, small_moe, rules=[{"match": "*.self_attn.*", "use": "bf16"}]))
     assert a.fingerprint == b.fingerprint != c.fingerprint
+
+
+def test_first_match_wins_between_names_and_patterns(small_moe: dict[str, Path], tmp_path: Path) -> None:
+    rules = [{"match": "*.mlp.experts.*", "use": "gptq"},
+             {"match": "model.layers.0.mlp.experts.1.up_proj", "use": "bf16"},     # loses: a glob above took it
+             {"match": "model.layers.1.self_attn.o_proj.weight", "use": "bf16"},  # wins: written first
+             {"match": "*.self_attn.o_proj", "use": "gptq"},
+             {"match": "model.layers.9.mlp.experts.0.up_proj", "use": "bf16"}]    # no layer 9
+    plan = build_plan(_mix(tmp_path, small_moe, rules=rules))
+    rows = plan.by_name()
+    assert (rows["model.layers.0.mlp.experts.1.up_proj"].source,
+            rows["model.layers.0.mlp.experts.1.up_proj"].origin) == ("gptq", "rules[0]: match '*.mlp.experts.*' -> gptq")
+    assert rows["model.layers.1.self_attn.o_proj"].source == "bf16"
+    assert rows["model.layers.0.self_attn.o_proj"].source == "gptq"
+    # a rule that lost everywhere still matches a module, so only the layer-9 rule is reported
+    assert plan.warnings == ["rules[4]: match 'model.layers.9.mlp.experts.0.up_proj' -> bf16 "
+                             "matches no module of the model"]
+
+
+def test_seed_names_for_one_module_must_agree(small_moe: dict[str, Path], tmp_path: Path) -> None:
+    mapping = {"model.layers.0.self_attn.o_proj.weight": "fp8", "model.layers.0.self_attn.o_proj": "fp16"}
+    path = write_yaml(tmp_path / "s.yaml", {"mixed_precision": {
+        "fp16_path": str(small_moe["bf16"]), "fp8_path": str(small_moe["fp8"]), "weight_mapping": mapping}})
+    with pytest.raises(PlanError, match="module model.layers.0.self_attn.o_proj is mapped twice: fp8 and fp16"):
+        build_plan(config.load(path))
+
+
+def test_seed_form_naming_every_expert_plans_in_seconds(qwen3_30b: dict[str, Path], tmp_path: Path) -> None:
+    # the seed documents' style at full scale: 48 layers x 128 experts x 3 projections by name
+    names = [f"model.layers.{layer}.mlp.experts.{e}.{p}.weight" for layer in range(48)
+             for e in range(128) for p in ("gate_proj", "up_proj", "down_proj")]
+    path = write_yaml(tmp_path / "s.yaml", {"mixed_precision": {
+        "fp16_path": str(qwen3_30b["bf16"]), "fp8_path": str(qwen3_30b["fp8"]),
+        "gptq_int4_path": str(qwen3_30b["gptq"]), "weight_mapping": dict.fromkeys(names, "gptq_int4")}})
+    t = time.perf_counter()
+    plan = build_plan(config.load(path))
+    assert time.perf_counter() - t < 15    # ~1 s on a quiet 2-core machine; was 7 minutes
+    experts = [a for a in plan.assignments if a.module.kind == "experts"]
+    assert len(experts) == 18432 and {a.source for a in experts} == {"gptq_int4"}
+    assert not plan.warnings
