@@ -42,13 +42,28 @@ WHY = {"amx": "vLLM's CPU FP8 and int4-MoE kernels need AMX",
        "int4_linear": "vLLM's CPU int4 linear kernel (cpu_gemm_wna16) needs AVX-512"}
 
 
-def kernels() -> set[str]:
-    """The quantized kernel families vLLM can run on this machine."""
+def engine_dtype() -> str:
+    """bfloat16 where the hardware computes in it (a GPU, a CPU with AVX-512-BF16 or AMX);
+    float32 elsewhere: an AVX2-only CPU runs bf16 matmuls ~50x slower than fp32."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "bfloat16"
+    # get_cpu_capability honours ATEN_CPU_CAPABILITY (how an AVX2 machine is emulated here).
+    native = torch.backends.cpu.get_cpu_capability() != "AVX2" and (
+        torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    return "bfloat16" if native else "float32"
+
+
+def kernels(dtype: str) -> set[str]:
+    """The quantized kernel families vLLM can run on this machine in `dtype`."""
     import torch
     import vllm._custom_ops  # noqa: F401  (loads vLLM's _C ops for this CPU)
 
     if torch.cuda.is_available():
         return {"amx", "int4_linear"}
+    if dtype == "float32":   # vLLM's CPU quantized kernels take bf16 / fp16 activations
+        return set()
     have = {"amx"} if torch.cpu._is_amx_tile_supported() else set()
     if hasattr(torch.ops._C, "cpu_gemm_wna16"):
         have.add("int4_linear")
@@ -91,13 +106,13 @@ def held_out_windows(tokenizer_dir: Path) -> list[list[int]]:
     return windows[:MAX_WINDOWS]
 
 
-def serve(folder: Path, windows: list[list[int]], mixed: bool) -> dict[str, Any]:
+def serve(folder: Path, windows: list[list[int]], mixed: bool, dtype: str) -> dict[str, Any]:
     """One vLLM engine on `folder`: greedy answer to PROMPT, held-out perplexity, load report."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     t0 = time.perf_counter()
-    llm = LLM(str(folder), load_format="mixed" if mixed else "auto", dtype="bfloat16",
+    llm = LLM(str(folder), load_format="mixed" if mixed else "auto", dtype=dtype,
               enforce_eager=True, max_model_len=512, seed=0)
     started = time.perf_counter() - t0
     try:
@@ -140,9 +155,11 @@ def main() -> None:
 
     out = Console(width=120)
     t_all = time.perf_counter()
-    have = kernels()
+    dtype = engine_dtype()
+    have = kernels(dtype)
     out.rule("mixload demo")
-    out.print(f"vLLM quantized kernels on this machine: {', '.join(sorted(have)) or 'none (BF16 only)'}")
+    out.print(f"vLLM runs in {dtype} here; its quantized kernels on this machine: "
+              f"{', '.join(sorted(have)) or 'none'}")
 
     classic_path = Path(args.config).resolve()
     classic = yaml.safe_load(classic_path.read_text(encoding="utf-8"))
@@ -175,13 +192,13 @@ def main() -> None:
     windows = held_out_windows(bf16)
 
     out.rule("vLLM: LLM(folder, load_format=\"mixed\")")
-    mixed = serve(folder, windows, mixed=True)
+    mixed = serve(folder, windows, mixed=True, dtype=dtype)
     r = mixed["report"]
     out.print(f"started in {mixed['start_s']:.0f} s; load audit passed: {r.read_bytes} planned "
               f"bytes read and consumed, every parameter filled")
     answer(out, mixed["answer"])
     out.rule("vLLM: the BF16 checkpoint, vLLM's own loader")
-    base = serve(bf16, windows, mixed=False)
+    base = serve(bf16, windows, mixed=False, dtype=dtype)
     answer(out, base["answer"])
 
     mem = plan.memory()
