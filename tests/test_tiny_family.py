@@ -75,11 +75,20 @@ def test_config_shapes_and_every_linear_dim_is_a_multiple_of_128(family: dict[st
         assert not hasattr(model.model.layers[0].mlp, "experts")
 
 
+# Held-out perplexity of the fp32 CPU build, measured 2026-12-04 on an AMD EPYC with AVX-512
+# kernels and again with torch limited to its AVX2 kernels (ATEN_CPU_CAPABILITY=avx2,
+# ONEDNN_MAX_CPU_ISA=AVX2, MKL_ENABLE_INSTRUCTIONS=AVX2). 500 optimizer steps amplify the kernels'
+# different float rounding, so the two builds' weights differ (no tensor is equal), but not
+# their quality: qwen3 40.35 / 44.12, qwen3-moe 47.03 / 46.77, qwen3-hybrid 53.17 / 50.03.
+HELD_OUT_PPL = {"qwen3": 42.2, "qwen3-moe": 46.9, "qwen3-hybrid": 51.6}   # the midpoints
+PPL_TOLERANCE = 0.12   # relative; the two CPU kinds differ by up to 9 %
+
+
 @pytest.mark.parametrize("kind", KINDS)
-def test_held_out_perplexity_is_far_below_the_vocab_size(family: dict[str, Path], kind: str):
+def test_held_out_perplexity_is_what_every_cpu_kind_trains(family: dict[str, Path], kind: str):
     ppl = tiny_family.perplexity(family[kind], tiny_family.corpus()[1])
-    print(f"{kind}: held-out perplexity {ppl:.1f}")
-    assert ppl < 100  # a uniform guess is 1024
+    print(f"{kind}: held-out perplexity {ppl:.2f}")
+    assert abs(ppl / HELD_OUT_PPL[kind] - 1) < PPL_TOLERANCE, ppl   # a uniform guess is 1024
 
 
 def test_tokenizer_round_trips_text(family: dict[str, Path]):
