@@ -129,11 +129,15 @@ def _entries(path: Path, header: dict[str, Any], start: int, data_size: int
     return tensors, keys
 
 
+class _Pairs(list):
+    """A JSON object as its (key, value) pairs (a JSON array stays a plain list)."""
+
+
 def _check_unique(raw: bytes, path: Path) -> None:
     """Refuse a tensor name, an entry field or a `__metadata__` key written twice (safetensors
     silently keeps the last tensor of a name and refuses a repeated field)."""
     try:   # objects as lists of pairs, so a repeated key stays visible
-        top = json.loads(raw, object_pairs_hook=list)
+        top = json.loads(raw, object_pairs_hook=_Pairs)
     except RecursionError:
         raise HeaderError("header is nested too deeply", file=path,
                           fix="the file is corrupt; re-download it") from None
@@ -144,7 +148,7 @@ def _check_unique(raw: bytes, path: Path) -> None:
             raise HeaderError(f"the header lists {name!r} twice (safetensors would keep only "
                               "the last one)", file=path, tensor=name, fix=fix)
         seen.add(name)
-        fields = [k for k, _ in entry or ()]
+        fields = [k for k, _ in entry] if isinstance(entry, _Pairs) else []
         twice = [k for k in fields if fields.count(k) > 1]
         if twice:
             raise HeaderError(f"{'__metadata__' if name == METADATA else 'the entry'} writes "
