@@ -204,7 +204,8 @@ def _size_problems(plan: Plan, obs: Observation) -> dict[str, MixloadError]:
     """Parameter -> its problem, for each linear / MoE parameter larger than all the planned
     shards written into it: the rest holds whatever the engine put there (zeros, garbage), not
     checkpoint data. Only larger: a fused g_idx receives the same shard once per member, and
-    embeddings (vocab padding) are left out."""
+    embeddings (vocab padding) are left out. A layer whose plan lacks a tensor is left to the
+    sentinel check, which names the missing tensor."""
     planned = {t.name: (a, s) for a in plan.assignments for s, t in a.tensors.items()}
     received: dict[str, int] = defaultdict(int)
     writers: dict[str, list[tuple[Assignment, str]]] = defaultdict(list)
@@ -216,11 +217,14 @@ def _size_problems(plan: Plan, obs: Observation) -> dict[str, MixloadError]:
         for param in targets:
             received[param] += shard
             writers[param].append((a, suffix))
+    groups = _groups(plan)
     problems = {}
     for param, have in sorted(obs.sizes.items()):
         mods = writers.get(param)
         if not mods or not all(a.module.linear and a.module.kind in QUANTIZABLE for a, _ in mods):
             continue
+        if _absent(groups.get(param.rpartition(".")[0], [])):
+            continue   # the plan lacks a tensor of this layer: the sentinel check names it
         if have > received[param]:
             a, suffix = mods[0]
             problems[param] = MixloadError(
@@ -243,8 +247,7 @@ def _param_problems(plan: Plan, obs: Observation, skip: Collection[str] = ()
             continue
         layer = param.rpartition(".")[0]
         members = groups.get(layer, [])
-        absent = [f"{a.module.name}.{s}" for a in members for s in _required(a)
-                  if s not in a.tensors]
+        absent = _absent(members)
         why = (f"the plan has no {', '.join(absent)}" if absent else
                "no planned tensor fills it" if members else "the plan has no such layer")
         problems.append(MixloadError(
@@ -253,6 +256,11 @@ def _param_problems(plan: Plan, obs: Observation, skip: Collection[str] = ()
             rule=members[0].origin if members else None,
             fix="the plan and the engine's layer disagree; run `mixload check` on the YAML"))
     return problems
+
+
+def _absent(members: list[Assignment]) -> list[str]:
+    """The required tensors a layer's plan rows lack ("model.layers.0.mlp.experts.5.up_proj.qzeros")."""
+    return [f"{a.module.name}.{s}" for a in members for s in _required(a) if s not in a.tensors]
 
 
 def _required(a: Assignment) -> list[str]:
