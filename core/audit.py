@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import AuditError, MixloadError
-from .formats.base import safetensors_dtype
+from .formats.base import ceil_div, safetensors_dtype
 from .formats.gptq import sequential_groups
 from .plan import Assignment, Plan
 
@@ -213,7 +213,7 @@ def _size_problems(plan: Plan, obs: Observation) -> dict[str, MixloadError]:
         if name not in planned:
             continue
         a, suffix = planned[name]
-        shard = -(-math.prod(a.tensors[suffix].shape) // a.shards(suffix, plan.tp, plan.ep))
+        shard = ceil_div(math.prod(a.tensors[suffix].shape), a.shards(suffix, plan.tp, plan.ep))
         for param in targets:
             received[param] += shard
             writers[param].append((a, suffix))
