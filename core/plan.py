@@ -38,16 +38,21 @@ class Assignment:
 
     def rank_bytes(self, tp: int, ep: int) -> int:
         """Bytes one rank holds (experts: averaged over EP ranks, which hold whole experts)."""
-        m = self.module
-        if m.kind == "experts" and ep > 1:
+        if self.module.kind == "experts" and ep > 1:
             return self.nbytes // ep
-        if m.parallel == "replicated" or tp == 1:
-            return self.nbytes
+        return sum(t.nbytes // self.shards(s, tp, ep) for s, t in self.tensors.items())
+
+    def shards(self, suffix: str, tp: int, ep: int) -> int:
+        """Into how many parts tensor parallelism cuts this module's tensor `suffix`; one rank
+        holds one part (1: every rank holding it holds all of it)."""
+        m = self.module
+        if (m.kind == "experts" and ep > 1) or m.parallel == "replicated" or tp == 1:
+            return 1   # under EP a rank holds whole experts
         if m.parallel == "vocab":
-            return self.nbytes // tp
-        shards = min(tp, m.heads) if m.heads else tp
-        return sum(t.nbytes // shards if self.format.shard_dim(s, m.parallel) is not None
-                   else t.nbytes for s, t in self.tensors.items())
+            return tp
+        if self.format.shard_dim(suffix, m.parallel) is None:
+            return 1
+        return min(tp, m.heads) if m.heads else tp
 
 
 @dataclass

@@ -78,6 +78,18 @@ def settings_from_quant_config(qc: dict[str, Any], folder: str | None = None) ->
     return Settings(config=str(path), fingerprint=qc.get("fingerprint"))
 
 
+def tensor_parallel() -> tuple[int, int]:
+    """(TP size, TP rank) of this process, once its model-parallel groups exist. SGLang 0.5.23
+    deprecates parallel_state's getters for get_parallel(); read that where it has the fields."""
+    from sglang.srt.distributed import parallel_state as ps
+    from sglang.srt.runtime_context import get_parallel
+
+    parallel = get_parallel()
+    if hasattr(parallel, "tp_size") and hasattr(parallel, "tp_rank"):
+        return int(parallel.tp_size), int(parallel.tp_rank)
+    return ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+
+
 def parallel_sizes() -> tuple[int, int]:
     """(TP, EP) of this SGLang process; (1, 1) before its model-parallel groups exist."""
     from sglang.srt.distributed import parallel_state as ps
@@ -85,7 +97,7 @@ def parallel_sizes() -> tuple[int, int]:
 
     if not ps.model_parallel_is_initialized():
         return 1, 1
-    return ps.get_tensor_model_parallel_world_size(), max(int(get_parallel().moe_ep_size or 1), 1)
+    return tensor_parallel()[0], max(int(get_parallel().moe_ep_size or 1), 1)
 
 
 def plan_from_settings(settings: Settings, tp: int | None = None, ep: int | None = None) -> Plan:
@@ -221,7 +233,8 @@ def load_weights(model: nn.Module, plan: Plan, hashes: dict[str, str] | None = N
     observation = audit.Observation(
         methods=methods, consumed=dict(tracker.consumed), redundant=redundant,
         unfilled=audit.unfilled(params),
-        dtypes={n: audit.dtype_name(p.dtype) for n, p in params.items()})
+        dtypes={n: audit.dtype_name(p.dtype) for n, p in params.items()},
+        sizes=audit.sizes(params))
     _retag(plan, lambda: audit.check(local, observation))
     return record
 
@@ -374,4 +387,4 @@ def _rank() -> dict[str, int]:
     if not ps.model_parallel_is_initialized():
         return {"tp": 0, "dp": 0}
     dp = getattr(get_parallel(), "dp_rank", None)   # not in 0.5.17's ParallelContext
-    return {"tp": ps.get_tensor_model_parallel_rank(), "dp": int(dp or 0)}
+    return {"tp": tensor_parallel()[1], "dp": int(dp or 0)}

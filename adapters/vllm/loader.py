@@ -121,7 +121,8 @@ def load_planned(model: nn.Module, plan: Plan, hashes: dict[str, str] | None = N
         consumed=tracker.consumed,
         redundant=redundant,
         unfilled=audit.unfilled(params),
-        dtypes={n: audit.dtype_name(p.dtype) for n, p in params.items()}))
+        dtypes={n: audit.dtype_name(p.dtype) for n, p in params.items()},
+        sizes=audit.sizes(params)))
     dropped = [planned[n] for n in redundant if not tracker.consumed.get(n)]
     return LoadReport(
         fingerprint=fingerprint, planned_bytes=planned_bytes(plan),

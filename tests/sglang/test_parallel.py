@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -71,8 +72,9 @@ def test_ep2_each_rank_reads_and_holds_only_its_experts(family, tmp_path):
 
 def test_tp2_gptq_experts_with_sglangs_own_parameter_shapes_fail_the_audit(family, tmp_path):
     """Why the quant config resizes two GPTQ-Marlin MoE parameters (quant_config.py,
-    _fix_gptq_moe_params): with SGLang 0.5.21's shapes, a TP=2 load silently rounds the int32
-    zero points to bf16 and leaves half of w2's scales uninitialized. The audit says so."""
+    _fix_gptq_moe_params): with SGLang's own shapes, a TP=2 load silently rounds the int32 zero
+    points to bf16 and builds w2's scales unsharded, twice this rank's shard. 0.5.21 leaves the
+    other half uninitialized, 0.5.23 zero-fills it: the audit names it by size on both."""
     moe = family["qwen3-moe"]
     mix = write_mix(tmp_path / "mix.yaml", {"base": moe["bf16"], "exp": moe["gptq"]}, "base",
                     [("*.mlp.experts.*", "exp")])
@@ -80,6 +82,9 @@ def test_tp2_gptq_experts_with_sglangs_own_parameter_shapes_fail_the_audit(famil
         problems = r["audit"]
         assert ("I32 tensor was loaded into BF16 parameter model.layers.0.mlp.experts.w13_qzeros "
                 "[model.layers.0.mlp.experts.0.gate_proj.qzeros]") in problems
-        assert ("parameter model.layers.0.mlp.experts.w2_scales was not filled: 50% of it was "
-                "never written; no planned tensor fills it "
-                "[model.layers.0.mlp.experts.w2_scales]") in problems
+        [oversized] = [p for p in problems if p.startswith(
+            "parameter model.layers.0.mlp.experts.w2_scales holds ")]
+        held, planned = map(int, re.search(r"holds (\d+) elements.* have (\d+):", oversized).groups())
+        assert held == 2 * planned
+        assert oversized.endswith("elements hold no checkpoint data "
+                                  "[model.layers.0.mlp.experts.w2_scales]")
