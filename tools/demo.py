@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -164,9 +166,16 @@ def main() -> None:
     classic_path = Path(args.config).resolve()
     classic = yaml.safe_load(classic_path.read_text(encoding="utf-8"))
     t0 = time.perf_counter()
-    out.print("the tiny family (trained and converted on first use; cached) ...")
-    classic_plan = build_plan(load(classic_path))   # resolving tiny: sources builds them
+    out.print(f"mixload check {classic_path.name}: the tiny family is trained and converted on "
+              "first use (then cached)")
+    # In a child process: training leaves torch threads behind that abort this process at exit
+    # once vLLM has run in it too ("terminate called without an active exception").
+    rc = subprocess.run([sys.executable, "-m", "mixload.core.cli", "check",
+                         str(classic_path)]).returncode
+    if rc:
+        sys.exit(rc)   # check printed what is wrong
     out.print(f"  ready in {time.perf_counter() - t0:.0f} s")
+    classic_plan = build_plan(load(classic_path))
 
     work = Path(args.out or tempfile.mkdtemp(prefix="mixload-demo-"))
     work.mkdir(parents=True, exist_ok=True)
