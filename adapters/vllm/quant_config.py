@@ -50,8 +50,9 @@ class MixloadConfig(QuantizationConfig):
 
     @classmethod
     def get_supported_act_dtypes(cls) -> list[torch.dtype]:
-        # What every quantized method it delegates to accepts (Fp8, AutoGPTQ, AutoAWQ).
-        return [torch.bfloat16, torch.half]
+        # What the quantized methods it delegates to accept (Fp8, AutoGPTQ, AutoAWQ), and float32
+        # for BF16 mixes on CPUs without native bf16 (each delegated method still checks its own).
+        return [torch.bfloat16, torch.half, torch.float32]
 
     @classmethod
     def get_min_capability(cls) -> int:

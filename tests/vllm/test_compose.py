@@ -35,3 +35,12 @@ def test_reads_and_holds_exactly_the_plan(served: tuple[LLM, Plan]) -> None:
     (report,) = llm.apply_model(report_of)
     vs.assert_report(report, plan)
     assert report.redundant_bytes == 0
+
+
+def test_a_bf16_mix_runs_in_float32_where_the_cpu_has_no_bf16(dense: dict[str, Path],
+                                                             tmp_path: Path) -> None:
+    """AVX2-only CPUs compute bf16 ~50x slower than fp32: vLLM must accept --dtype float32."""
+    from mixload.core.build import build
+
+    folder = build(vs.write_mix(tmp_path / "mix.yaml", vs.fill(MIX, dense)), tmp_path / "model")
+    assert str(vs.engine_config(folder, dtype="float32").model_config.dtype) == "torch.float32"
