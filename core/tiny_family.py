@@ -59,9 +59,8 @@ ARCHS: dict[str, dict[str, Any]] = {
 # one model with attention, a dense MLP and experts, for mixes that give each its own precision.
 ARCHS["qwen3-hybrid"] = dict(ARCHS["qwen3-moe"], mlp_only_layers=[0])
 
-# Chosen by measurement on 2 idle CPU cores: batch 4 beat
-# batch 8 at equal tokens and batch 2 at equal time; learning rates of 3e-3 and up, and
-# zero-initialised output layers, did worse. The MoE costs ~1.8x per token (routing, grouped
+# Chosen by measurement on 2 idle CPU cores: batch 4 beat batch 8 at equal tokens and batch 2
+# at equal time; learning rates of 3e-3 and up, and zero-initialised output layers, did worse. The MoE costs ~1.8x per token (routing, grouped
 # matmuls), so it gets fewer steps; 450 instead of 500 cost it 12 points of perplexity.
 TRAIN: dict[str, dict[str, Any]] = {
     "qwen3": dict(seed=0, steps=600, batch=4, seq_len=128, lr=2e-3, warmup=30, min_lr_frac=0.1,
@@ -126,7 +125,8 @@ def train(kind: str, ids: "torch.Tensor") -> "PreTrainedModel":
     """A short deterministic AdamW run on random windows of `ids` (a fixed, seeded order).
 
     On the GPU machine it trains on the GPU (seconds instead of a minute of device time); its
-    weights then differ from a CPU build's in the last bits, which is fine for a local cache."""
+    weights then differ from a CPU build's (as two CPU kinds' builds do), which is fine for a
+    local cache."""
     import torch
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
@@ -163,8 +163,9 @@ def train(kind: str, ids: "torch.Tensor") -> "PreTrainedModel":
         starts = torch.randint(0, len(ids) - T, (B,), generator=gen)
         x = torch.stack([ids[s:s + T] for s in starts.tolist()]).to(device)
         # bf16 autocast on the GPU only: a CPU without native bf16 (AVX2-only) runs bf16 matmuls
-        # ~50x slower than fp32 (avx512_bf16 gains only ~1.15x), and fp32 gives every CPU kind
-        # the same weights up to float rounding.
+        # ~50x slower than fp32 (avx512_bf16 gains only ~1.15x). The kernels of each CPU kind
+        # round differently and training amplifies it: the weights differ by CPU kind, their
+        # quality does not (tests/test_tiny_family.py pins the held-out perplexity).
         with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
             loss = model(input_ids=x, labels=x, **aux).loss
         loss.backward()
