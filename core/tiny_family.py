@@ -60,8 +60,9 @@ ARCHS: dict[str, dict[str, Any]] = {
 ARCHS["qwen3-hybrid"] = dict(ARCHS["qwen3-moe"], mlp_only_layers=[0])
 
 # Chosen by measurement on 2 idle CPU cores: batch 4 beat batch 8 at equal tokens and batch 2
-# at equal time; learning rates of 3e-3 and up, and zero-initialised output layers, did worse. The MoE costs ~1.8x per token (routing, grouped
-# matmuls), so it gets fewer steps; 450 instead of 500 cost it 12 points of perplexity.
+# at equal time; learning rates of 3e-3 and up, and zero-initialised output layers, did worse.
+# The MoE costs ~1.8x per token (routing, grouped matmuls), so it gets fewer steps; 450 instead
+# of 500 cost it 12 points of perplexity.
 TRAIN: dict[str, dict[str, Any]] = {
     "qwen3": dict(seed=0, steps=600, batch=4, seq_len=128, lr=2e-3, warmup=30, min_lr_frac=0.1,
                   weight_decay=0.1, betas=(0.9, 0.95), clip=1.0),
