@@ -9,7 +9,7 @@
 4. Real vLLM: `LLM(folder, load_format="mixed")` answers a prompt; the mix's memory and its
    held-out perplexity (through vLLM) against the BF16 checkpoint served by vLLM's own loader.
 
-    python tools/demo.py [configs/tiny-classic.yaml] [--out DIR]
+    python tools/demo.py [configs/tiny-classic.yaml] [--out DIR]   # DIR: the built model folder
 """
 from __future__ import annotations
 
@@ -145,7 +145,8 @@ def answer(out: Any, text: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("config", nargs="?", default=str(ROOT / "configs" / "tiny-classic.yaml"))
-    p.add_argument("--out", help="where the built folders go (default: a temporary folder)")
+    p.add_argument("--out", help="the built model folder (`mixload build -o`; default: in a "
+                                 "temporary folder)")
     args = p.parse_args()
 
     from rich.console import Console
@@ -177,8 +178,7 @@ def main() -> None:
     out.print(f"  ready in {time.perf_counter() - t0:.0f} s")
     classic_plan = build_plan(load(classic_path))
 
-    work = Path(args.out or tempfile.mkdtemp(prefix="mixload-demo-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="mixload-demo-"))   # only ever a new folder of ours
     mix, notes = runnable(classic, have)
     mix_path = classic_path if not notes else work / "mix.yaml"
     if notes:   # (tiny: sources are not paths, so the copy means the same elsewhere)
@@ -195,7 +195,8 @@ def main() -> None:
     out.rule(f"mixload plan {mix_path}")
     print_plan(plan, out)
 
-    folder = build(mix_path, work / "mixed", overwrite=True)
+    # build refuses a folder inside a source and replaces only one that mixload made
+    folder = build(mix_path, args.out or work / "mixed", overwrite=True)
     out.print(f"mixload build -> {folder}")
     bf16 = Path(plan.sources["bf16"].path)
     windows = held_out_windows(bf16)
